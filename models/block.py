@@ -1,0 +1,33 @@
+"""The residual block shared by every family: x + mixer(norm(x)), then x + ffn(norm(x)) where there is one."""
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+from models.ffn import SwiGLU
+from models.norms import RMSNorm
+from models.registry import build_mixer
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, mixer: str):
+        super().__init__()
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = build_mixer(mixer, cfg, layer_idx)
+        hidden = cfg.ffn_hidden_size
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if hidden else None
+        self.ffn = SwiGLU(cfg.d_model, hidden) if hidden else None
+
+    def forward(self, x: torch.Tensor, state=None):
+        h, state = self.mixer(self.mixer_norm(x), state)
+        x = x + h
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x))
+        return x, state
+
+    def step(self, x_t: torch.Tensor, state):
+        h, state = self.mixer.step(self.mixer_norm(x_t), state)
+        x_t = x_t + h
+        if self.ffn is not None:
+            x_t = x_t + self.ffn(self.ffn_norm(x_t))
+        return x_t, state

@@ -1,0 +1,111 @@
+"""The causal LM every family shares: embedding, a stack of blocks, final norm, LM head, loss and decoding.
+
+Single-device code: data and sequence parallelism are applied from outside (train/).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.block import Block
+from models.config import ModelConfig
+from models.norms import RMSNorm
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    state: list | None  # one recurrent state (or KV cache) per layer; None when not asked for
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i, name) for i, name in enumerate(cfg.layer_mixers()))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        # Families with special initialisation (gate biases, SSM decay rates) override the generic one.
+        for block in self.blocks:
+            if hasattr(block.mixer, "init_weights"):
+                block.mixer.init_weights()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.norm(x))
+        cap = self.cfg.logits_soft_cap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        state: list | None = None,
+        return_state: bool = False,
+    ) -> LMOutput:
+        """input_ids, labels: (B, T). `state` continues from an earlier call (prefill in pieces)."""
+        x = self.embed(input_ids)  # (B, T, D)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            layer_state = None if state is None else state[i]
+            if self.cfg.activation_checkpointing and self.training and layer_state is None:
+                x, layer_state = checkpoint(block, x, use_reentrant=False)
+            else:
+                x, layer_state = block(x, layer_state)
+            new_state.append(layer_state)
+        logits = self._logits(x)
+        loss = None if labels is None else lm_loss(logits, labels)
+        return LMOutput(logits, new_state if (return_state or state is not None) else None, loss)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> list:
+        return [block.mixer.init_state(batch_size, device, dtype) for block in self.blocks]
+
+    def step(self, token: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        """One decoding step. token: (B,) ids -> logits (B, V) and the updated per-layer state."""
+        x = self.embed(token)  # (B, D)
+        new_state = []
+        for block, layer_state in zip(self.blocks, state, strict=True):
+            x, layer_state = block.step(x, layer_state)
+            new_state.append(layer_state)
+        return self._logits(x), new_state
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding: prefill the prompt (B, T) in one forward, then one `step` per token."""
+        out = self(prompt, return_state=True)
+        token = out.logits[:, -1].argmax(-1)
+        state, generated = out.state, [token]
+        for _ in range(max_new_tokens - 1):
+            logits, state = self.step(token, state)
+            token = logits.argmax(-1)
+            generated.append(token)
+        return torch.cat([prompt, torch.stack(generated, dim=1)], dim=1)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy per token; labels are already the next tokens (the data path shifts them)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameter count of the model built on the meta device: exact, and free even for a 7B config."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,72 @@
+"""Llama-style causal self-attention: RoPE, grouped-query heads, and a KV cache as the decoding state."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.attention import causal_attention
+from models.config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # (B, H_kv, T_seen, head_dim)
+    v: torch.Tensor  # (B, H_kv, T_seen, head_dim)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[-2]
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, head_dim) for the rotate-half convention (Llama / Hugging Face)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class AttentionMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.attention.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.attention.rope_theta
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> KVCache:
+        empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return KVCache(empty, empty.clone())
+
+    def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        b, t, _ = x.shape
+        offset = 0 if state is None else state.length
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope_cos_sin(torch.arange(offset, offset + t, device=x.device), self.head_dim, self.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if state is not None:
+            k = torch.cat([state.k.to(k.dtype), k], dim=2)
+            v = torch.cat([state.v.to(v.dtype), v], dim=2)
+        new_state = KVCache(k, v)
+        repeat = self.n_heads // self.n_kv_heads
+        if repeat > 1:
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        y = causal_attention(q, k, v, q_offset=offset)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1)), new_state
+
+    def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
+        y, state = self.forward(x_t[:, None], state)
+        return y[:, 0], state
