@@ -1,0 +1,47 @@
+"""Pretrain a model from one YAML config.
+
+    deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny/transformer.yaml
+    torchrun --standalone --nproc_per_node 2 launch/pretrain.py --config configs/tiny/transformer.yaml
+    python launch/pretrain.py --config configs/xlstm_7b.yaml --dry-run
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
+
+from data import DataError  # noqa: E402
+from train.checkpoint import CheckpointError  # noqa: E402
+from train.config import ConfigError, load_config  # noqa: E402
+from train.trainer import NonFiniteLossError, pretrain  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
+    parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint folder")
+    parser.add_argument("--dry-run", action="store_true", help="print config, parameters and memory; no training")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_args()
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        cfg = load_config(args.config, args.set, world_size=world_size)
+        if args.dry_run:
+            from train.dry_run import dry_run
+
+            dry_run(cfg, world_size)
+            return 0
+        pretrain(cfg, resume=args.resume)
+    except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as e:
+        # Expected failures carry a message naming the problem and the fix; no traceback needed.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""AdamW with decoupled weight decay on matrices only: no decay on norms, biases, embeddings,
+or parameters a mixer marks with `_no_weight_decay` (SSM decay rates, skip weights)."""
+
+import torch
+from torch import nn
+
+from train.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or id(p) in embeddings or getattr(p, "_no_weight_decay", False)
+        (no_decay if skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    # torch's AdamW rather than DeepSpeed's: its CPU Adam needs a 2-minute C++ build.
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False
+    )

@@ -1,0 +1,119 @@
+"""The pretraining loop: setup -> (resume) -> for each step: micro batches, backward, step -> log -> save.
+
+DeepSpeed owns data parallelism, ZeRO, precision, gradient accumulation and clipping; this file owns
+the order of things and the trainer's own state (step, tokens seen, data position).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data import TrainBatches, check_vocab_fits
+from models import CausalLM
+from train import checkpoint
+from train.config import RunConfig
+from train.deepspeed_config import deepspeed_config
+from train.distributed import init_distributed, shutdown
+from train.metrics import MetricsLogger
+from train.optimizer import build_optimizer
+from train.schedule import lr_at
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _all_ranks_finite(loss: torch.Tensor) -> bool:
+    # Every rank must take the same decision, or the ranks' collectives fall out of step.
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0
+
+
+def _mean_over_ranks(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
+    """Trains per `cfg`; returns the logged records (rank 0's view, identical on every rank)."""
+    resume_path = checkpoint.resolve_resume(resume, cfg.checkpoint_dir)
+    model_config = cfg.model.model_dump(mode="json")
+    if resume_path is not None:
+        checkpoint.check_model_config(resume_path, model_config)
+
+    rank, _, world = init_distributed(cfg.parallel.timeout_minutes)
+    cfg.check_world_size(world)
+    run_dir = Path(cfg.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+
+    batches = TrainBatches(cfg.data, dp_rank=rank, dp_size=world, seed=cfg.seed)
+    check_vocab_fits(batches.manifest, cfg.model.vocab_size)
+
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)  # same init on every rank
+    model = CausalLM(cfg.model)
+    n_params = sum(p.numel() for p in model.parameters())
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, cfg.optim), config=deepspeed_config(cfg, world)
+    )
+
+    state = {"step": 0, "tokens_seen": 0, "nonfinite_in_row": 0, "skipped_steps": 0}
+    if resume_path is not None:
+        if rank == 0:
+            print(f"resuming from {resume_path}", flush=True)
+        state = checkpoint.load(engine, resume_path)
+        batches.load_state_dict(state.pop("data"))
+    logger = MetricsLogger(run_dir, cfg, rank=rank, start_step=state["step"], n_params=n_params,
+                           resolved_config=cfg.model_dump(mode="json"))
+    records = []
+    try:
+        while state["step"] < cfg.schedule.steps:
+            step = state["step"]
+            lr = lr_at(step, cfg.optim.lr, cfg.schedule)
+            loss_sum, finite = 0.0, True
+            micro_batches = batches.next_step()
+            for mb in micro_batches:
+                out = engine(mb["input_ids"].to(engine.device), labels=mb["labels"].to(engine.device))
+                finite = finite and _all_ranks_finite(out.loss)
+                # A non-finite step still runs backward (ZeRO's hooks expect it) but through a zero loss,
+                # and takes no update: LR 0 leaves AdamW's weights exactly as they were.
+                loss = out.loss if finite else sum(p.sum() for p in engine.module.parameters()) * 0.0
+                loss_sum += out.loss.item()
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = lr if finite else 0.0
+                engine.backward(loss)
+                engine.step()
+            state["step"] = step + 1
+            state["tokens_seen"] += cfg.data.tokens_per_step
+            state["nonfinite_in_row"] = 0 if finite else state["nonfinite_in_row"] + 1
+            state["skipped_steps"] += 0 if finite else 1
+            give_up = state["nonfinite_in_row"] >= cfg.optim.max_nonfinite_steps
+            logger.advance()
+
+            if state["step"] % cfg.logging.every == 0 or state["step"] == cfg.schedule.steps or give_up:
+                loss = _mean_over_ranks(loss_sum / len(micro_batches), engine.device)
+                grad_norm = engine.get_global_grad_norm()
+                records.append(logger.log(state["step"], cfg.data.tokens_per_step, {
+                    "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "tokens_seen": state["tokens_seen"], "skipped_steps": state["skipped_steps"],
+                    "seq_len": micro_batches[0]["input_ids"].shape[1],
+                }))
+            if give_up:
+                raise NonFiniteLossError(
+                    f"loss was NaN/inf for {state['nonfinite_in_row']} steps in a row (last at step "
+                    f"{state['step']}); lower optim.lr, check the data, or raise optim.max_nonfinite_steps"
+                )
+            if state["step"] % cfg.checkpoint.every == 0 or state["step"] == cfg.schedule.steps:
+                checkpoint.save(engine, cfg.checkpoint_dir, state["step"], {**state, "data": batches.state_dict()},
+                                model_config, cfg.checkpoint.keep_last)
+    finally:
+        logger.close()
+    shutdown()
+    return records
