@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY, job_env
+from harness import ROOT, TINY, job_env
 
 pytestmark = pytest.mark.slow
 

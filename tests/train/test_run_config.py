@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, TINY, job_env
+from harness import ROOT, TINY, job_env
 
 from train.config import ConfigError, ScheduleConfig, load_config
 from train.deepspeed_config import deepspeed_config

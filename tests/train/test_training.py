@@ -9,19 +9,20 @@ import time
 
 import psutil
 import pytest
-from conftest import ROOT, TINY, job_env, launch_command
+from harness import ROOT, TINY, job_env, launch_command
 
 pytestmark = pytest.mark.slow
 FP32 = ["parallel.precision=fp32"]
 
 
 def test_readme_demo_trains_tiny_transformer_and_loss_falls(train):
-    run = train(TINY / "transformer.yaml")  # the README's config, as shipped
+    run = train(TINY / "transformer.yaml", wandb=True)  # the README's config, as shipped (wandb offline)
     losses = run.losses
     assert len(losses) >= 10, run.output[-3000:]
     first, last = losses[0], sum(losses[-3:]) / 3
     assert last < first - 1.0, f"loss did not fall enough: first {first:.3f}, last {last:.3f}"
     assert {"grad_norm", "lr", "tokens_per_s", "step_time_s", "peak_memory_mb"} <= run.records[-1].keys()
+    assert list((run.run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no offline wandb run was written"
 
 
 def test_zero_stages_0_to_3_give_the_same_losses(train, tmp_path):
@@ -40,7 +41,7 @@ def test_zero_stages_0_to_3_give_the_same_losses(train, tmp_path):
 
 
 def _losses_by_step(run_dir) -> dict[int, float]:
-    from conftest import Run
+    from harness import Run
 
     return {r["step"]: r["loss"] for r in Run(None, run_dir).records}  # later lines (the resume) win
 

@@ -1,0 +1,57 @@
+"""Helpers for tests that launch real training jobs: paths, free ports, the launch command, run results.
+
+Import it as `from harness import ...` (tests/ is on sys.path through the root conftest).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Run:
+    proc: subprocess.CompletedProcess
+    run_dir: Path
+
+    @property
+    def records(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    @property
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.records]
+
+    @property
+    def output(self) -> str:
+        return self.proc.stdout + self.proc.stderr
+
+
+def job_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def launch_command(config: Path, overrides: list[str], nproc: int, launcher: str, extra: list[str]) -> list[str]:
+    port = str(free_port())
+    script = [str(ROOT / "launch" / "pretrain.py"), "--config", str(config)]
+    script += [a for o in overrides for a in ("--set", o)] + extra
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                "--master_port", port, *script]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", port, "--master_addr", "127.0.0.1", *script]
+    return [sys.executable, *script]
