@@ -110,6 +110,28 @@ class RunConfig(Section):
             self.data.grad_accum_steps(world_size // sp)
         except ValueError as e:
             raise ConfigError(f"data: {e}") from None
+        if sp > 1:
+            self._check_sequence_parallel(sp)
+
+    def _check_sequence_parallel(self, sp: int) -> None:
+        shortest = self.data.min_len if self.data.mode == "decompose" else self.data.seq_len
+        if shortest % sp:
+            key = "data.min_len" if self.data.mode == "decompose" else "data.seq_len"
+            raise ConfigError(
+                f"{key}={shortest}: every sequence length must divide by parallel.sequence_parallel_size={sp} "
+                f"(each SP rank holds T / {sp} tokens); raise {key} or lower the SP size"
+            )
+        import torch
+
+        from models import CausalLM
+        from train.sequence_parallel import check_sequence_parallel
+
+        with torch.device("meta"):  # free: no weights are allocated
+            model = CausalLM(self.model)
+        try:
+            check_sequence_parallel(model, sp)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _apply_override(raw: dict, assignment: str) -> None:

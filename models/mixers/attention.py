@@ -49,23 +49,47 @@ class AttentionMixer(nn.Module):
         empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return KVCache(empty, empty.clone())
 
-    def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+    def sp_head_counts(self) -> dict[str, int]:
+        return {"model.n_heads": self.n_heads, "attention.n_kv_heads": self.n_kv_heads}
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (B, T, D) -> q (B, T, H, hd), k and v (B, T, H_kv, hd)."""
         b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim)
+        return q, k, v
+
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (B, h, T, hd) rotated for absolute positions offset .. offset + T - 1."""
+        t = q.shape[2]
+        cos, sin = rope_cos_sin(torch.arange(offset, offset + t, device=q.device), self.head_dim, self.rope_theta)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
+        """q (B, H, T, hd), k and v (B, H_kv, T_seen, hd) -> (B, T, H, hd)."""
+        repeat = q.shape[1] // k.shape[1]
+        if repeat > 1:
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        return causal_attention(q, k, v, q_offset=offset).transpose(1, 2)
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Whole sequences of some heads: (B, T, h, hd) each -> (B, T, h, hd)."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
+        q, k = self._rope(q, k, 0)
+        return self._attend(q, k, v, 0)
+
+    def output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(y.flatten(2))
+
+    def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        q, k, v = (t.transpose(1, 2) for t in self.project(x))  # (B, h, T, hd)
         offset = 0 if state is None else state.length
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(torch.arange(offset, offset + t, device=x.device), self.head_dim, self.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self._rope(q, k, offset)
         if state is not None:
             k = torch.cat([state.k.to(k.dtype), k], dim=2)
             v = torch.cat([state.v.to(v.dtype), v], dim=2)
-        new_state = KVCache(k, v)
-        repeat = self.n_heads // self.n_kv_heads
-        if repeat > 1:
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        y = causal_attention(q, k, v, q_offset=offset)  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1)), new_state
+        return self.output(self._attend(q, k, v, offset), x), KVCache(k, v)
 
     def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         y, state = self.forward(x_t[:, None], state)

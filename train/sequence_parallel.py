@@ -1,0 +1,124 @@
+"""DeepSpeed-Ulysses sequence parallelism around every head-independent token mixer.
+
+Each rank of a sequence-parallel (SP) group holds T / sp tokens of every sequence. A mixer that supports
+SP splits its work in three: `project(x)` (token-local: projections to per-head tensors, each
+(B, T, H, ...)), `mix(*heads)` (sequence mixing on whole sequences, independent across heads, including
+any short causal convolution) and `output(y, x)` (token-local again). Around `mix`, one all-to-all turns
+(local tokens, all heads) into (all tokens, local heads) and a second turns the result back, so no
+recurrent state ever crosses a shard.
+
+The wrapper is applied from outside, as FSDP2's `fully_shard` does: the mixer's class is swapped for a
+subclass whose forward adds the all-to-alls, so parameter names (and so checkpoints) do not change.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """all_to_all over dim 0, which has one slice per rank of the group."""
+    x = x.contiguous()
+    out = torch.empty_like(x)  # after contiguous(): empty_like would copy a permuted layout's strides
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, T/sp, H, ...) -> (B, T, H/sp, ...): gather the sequence, scatter the heads."""
+    sp = dist.get_world_size(group)
+    b, t, h, *rest = x.shape
+    x = x.reshape(b, t, sp, h // sp, *rest).movedim(2, 0)  # (sp: head chunk, B, T/sp, H/sp, ...)
+    x = _all_to_all(x, group)  # (sp: source rank = token chunk, B, T/sp, H/sp, ...)
+    return x.movedim(0, 1).reshape(b, sp * t, h // sp, *rest)
+
+
+def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, T, H/sp, ...) -> (B, T/sp, H, ...): the inverse of _seq_to_heads."""
+    sp = dist.get_world_size(group)
+    b, t, h, *rest = x.shape
+    x = x.reshape(b, sp, t // sp, h, *rest).movedim(1, 0)  # (sp: token chunk, B, T/sp, H/sp, ...)
+    x = _all_to_all(x, group)  # (sp: source rank = head chunk, B, T/sp, H/sp, ...)
+    return x.movedim(0, 2).reshape(b, t // sp, sp * h, *rest)
+
+
+class SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad, ctx.group), None
+
+
+class HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _heads_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad, ctx.group), None
+
+
+class UlyssesMixer:
+    """Mixin placed before a mixer's class: forward = output(all-to-all(mix(all-to-all(project(x)))))."""
+
+    sp_group = None
+
+    def forward(self, x: torch.Tensor, state=None):
+        if state is not None:
+            raise ValueError("sequence parallelism is for training; decode with parallel.sequence_parallel_size=1")
+        heads = [SeqToHeads.apply(t, self.sp_group) for t in self.project(x)]
+        y = HeadsToSeq.apply(self.mix(*heads), self.sp_group)
+        return self.output(y, x), None
+
+
+def supports_sequence_parallel(mixer: nn.Module) -> bool:
+    return all(hasattr(mixer, name) for name in ("project", "mix", "output", "sp_head_counts"))
+
+
+def check_sequence_parallel(model: nn.Module, sp: int) -> None:
+    """Raises ValueError naming the layer and the fix when some mixer cannot be split over sp ranks."""
+    for i, block in enumerate(model.blocks):
+        name = type(block.mixer).__name__
+        if not supports_sequence_parallel(block.mixer):
+            raise ValueError(f"layer {i} ({name}) does not support sequence parallelism yet; "
+                             "set parallel.sequence_parallel_size=1")
+        for what, count in block.mixer.sp_head_counts().items():
+            if count % sp:
+                raise ValueError(
+                    f"layer {i} ({name}) has {what}={count}, not divisible by parallel.sequence_parallel_size={sp}; "
+                    "Ulysses splits heads over the SP ranks, so choose a size that divides it "
+                    "(Megatron's fallback of splitting inside a head is not implemented)"
+                )
+
+
+def apply_sequence_parallel(model: nn.Module, group) -> None:
+    for block in model.blocks:
+        cls = type(block.mixer)
+        block.mixer.__class__ = type(f"Ulysses{cls.__name__}", (UlyssesMixer, cls), {})
+        block.mixer.sp_group = group
+
+
+def shard_sequence(batch: dict[str, torch.Tensor], sp_rank: int, sp: int) -> dict[str, torch.Tensor]:
+    """This rank's contiguous T / sp tokens of every (B, T) tensor of the micro batch."""
+    t = batch["input_ids"].shape[1]
+    if t % sp:
+        raise ValueError(f"sequence length {t} is not divisible by parallel.sequence_parallel_size={sp}")
+    size = t // sp
+    return {k: v[:, sp_rank * size:(sp_rank + 1) * size] for k, v in batch.items()}
+
+
+def loss_scale(zero_stage: int, sp: int) -> float:
+    """Factor on each rank's mean loss so that gradients equal those of the unsplit sequence.
+
+    DeepSpeed reduces gradients over data x sequence ranks but divides by the data-parallel size only in
+    ZeRO 0/1/2 (a sum over SP ranks; upstream issues 5248 and 6841), while ZeRO-3's reduce-scatter divides
+    by the whole group (a mean). The mean over SP ranks of their local means is the global mean, since
+    every rank holds the same number of tokens.
+    """
+    return 1.0 if zero_stage == 3 else 1.0 / sp
