@@ -5,6 +5,7 @@ the order of things and the trainer's own state (step, tokens seen, data positio
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,12 +13,13 @@ import torch.distributed as dist
 
 from data import TrainBatches, check_vocab_fits
 from models import CausalLM
-from train import checkpoint
+from train import checkpoint, sequence_parallel
 from train.config import RunConfig
 from train.deepspeed_config import deepspeed_config
 from train.distributed import init_distributed, shutdown
 from train.metrics import MetricsLogger
 from train.optimizer import build_optimizer
+from train.preemption import Preemption
 from train.schedule import lr_at
 
 
@@ -38,6 +40,59 @@ def _mean_over_ranks(value: float, device) -> float:
     return t.item() / dist.get_world_size()
 
 
+@dataclass
+class Parallel:
+    """Where this rank sits: data-parallel replica dp_rank of dp_size, and rank sp_rank of its SP group."""
+
+    rank: int
+    world: int
+    dp_rank: int
+    dp_size: int
+    sp_rank: int = 0
+    sp_size: int = 1
+    sp_group: object = None
+    mpu: object = None
+    loss_scale: float = 1.0
+
+
+def setup_parallel(cfg: RunConfig) -> Parallel:
+    rank, _, world = init_distributed(cfg.parallel.timeout_minutes)
+    cfg.check_world_size(world)
+    sp = cfg.parallel.sequence_parallel_size
+    if sp == 1:
+        return Parallel(rank, world, dp_rank=rank, dp_size=world)
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+    mpu.initialize_sequence_parallel(sp)  # SP groups are consecutive ranks: [0, 1], [2, 3], ...
+    return Parallel(rank, world, dp_rank=rank // sp, dp_size=world // sp, sp_rank=mpu.get_sequence_parallel_rank(),
+                    sp_size=sp, sp_group=mpu.get_sequence_parallel_group(), mpu=mpu,
+                    loss_scale=sequence_parallel.loss_scale(cfg.parallel.zero_stage, sp))
+
+
+def build_engine(cfg: RunConfig, par: Parallel):
+    """The model (same init on every rank, SP applied from outside) wrapped in a DeepSpeed engine."""
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)
+    model = CausalLM(cfg.model)
+    n_params = sum(p.numel() for p in model.parameters())
+    if par.sp_size > 1:
+        sequence_parallel.apply_sequence_parallel(model, par.sp_group)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, cfg.optim), config=deepspeed_config(cfg, par.dp_size),
+        mpu=par.mpu,
+    )
+    return engine, n_params
+
+
+def forward_loss(engine, micro_batch: dict[str, torch.Tensor], par: Parallel) -> torch.Tensor:
+    """Mean next-token loss over this rank's tokens of the micro batch."""
+    if par.sp_size > 1:
+        micro_batch = sequence_parallel.shard_sequence(micro_batch, par.sp_rank, par.sp_size)
+    ids, labels = (micro_batch[k].to(engine.device) for k in ("input_ids", "labels"))
+    return engine(ids, labels=labels).loss
+
+
 def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
     """Trains per `cfg`; returns the logged records (rank 0's view, identical on every rank)."""
     resume_path = checkpoint.resolve_resume(resume, cfg.checkpoint_dir)
@@ -45,24 +100,18 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
     if resume_path is not None:
         checkpoint.check_model_config(resume_path, model_config)
 
-    rank, _, world = init_distributed(cfg.parallel.timeout_minutes)
-    cfg.check_world_size(world)
+    preemption = Preemption()  # SIGUSR1/SIGTERM: checkpoint after the current step, then exit 75
+    par = setup_parallel(cfg)
+    rank = par.rank
     run_dir = Path(cfg.run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
 
-    batches = TrainBatches(cfg.data, dp_rank=rank, dp_size=world, seed=cfg.seed)
+    # Ranks of one sequence-parallel group read the same batch and each keep their share of its tokens.
+    batches = TrainBatches(cfg.data, dp_rank=par.dp_rank, dp_size=par.dp_size, seed=cfg.seed)
     check_vocab_fits(batches.manifest, cfg.model.vocab_size)
-
-    import deepspeed
-
-    torch.manual_seed(cfg.seed)  # same init on every rank
-    model = CausalLM(cfg.model)
-    n_params = sum(p.numel() for p in model.parameters())
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(model, cfg.optim), config=deepspeed_config(cfg, world)
-    )
+    engine, n_params = build_engine(cfg, par)
 
     state = {"step": 0, "tokens_seen": 0, "nonfinite_in_row": 0, "skipped_steps": 0}
     if resume_path is not None:
@@ -80,12 +129,12 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
             loss_sum, finite = 0.0, True
             micro_batches = batches.next_step()
             for mb in micro_batches:
-                out = engine(mb["input_ids"].to(engine.device), labels=mb["labels"].to(engine.device))
-                finite = finite and _all_ranks_finite(out.loss)
+                loss = forward_loss(engine, mb, par)
+                finite = finite and _all_ranks_finite(loss)
+                loss_sum += loss.item()
                 # A non-finite step still runs backward (ZeRO's hooks expect it) but through a zero loss,
                 # and takes no update: LR 0 leaves AdamW's weights exactly as they were.
-                loss = out.loss if finite else sum(p.sum() for p in engine.module.parameters()) * 0.0
-                loss_sum += out.loss.item()
+                loss = loss * par.loss_scale if finite else sum(p.sum() for p in engine.module.parameters()) * 0.0
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr if finite else 0.0
                 engine.backward(loss)
@@ -110,9 +159,13 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
                     f"loss was NaN/inf for {state['nonfinite_in_row']} steps in a row (last at step "
                     f"{state['step']}); lower optim.lr, check the data, or raise optim.max_nonfinite_steps"
                 )
-            if state["step"] % cfg.checkpoint.every == 0 or state["step"] == cfg.schedule.steps:
+            # Collective: every rank stops after the same step, whichever rank got the signal.
+            stop = preemption.should_stop(engine.device) and state["step"] < cfg.schedule.steps
+            if state["step"] % cfg.checkpoint.every == 0 or state["step"] == cfg.schedule.steps or stop:
                 checkpoint.save(engine, cfg.checkpoint_dir, state["step"], {**state, "data": batches.state_dict()},
                                 model_config, cfg.checkpoint.keep_last)
+            if stop:
+                preemption.exit(state["step"])  # logs "preempted at step N", exits with PREEMPTED_EXIT_CODE
     finally:
         logger.close()
     shutdown()
