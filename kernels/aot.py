@@ -1,0 +1,158 @@
+"""Ahead-of-time compilation of every Triton kernel of the project for real GPUs, on a machine without one.
+
+Triton compiles a kernel all the way to a cubin for a named target without a GPU present (it ships its own
+ptxas). That proves what the CPU interpreter cannot: bf16 code paths, compile errors, `tl.dot` layout
+constraints and the shared memory a block needs against the target's limit. Resource numbers come from
+the compiler: `shared` and `num_warps` from Triton's metadata, registers and stack (spill) bytes from the
+cubin's resource table as cuobjdump prints it.
+
+Registry: every module under kernels/ that defines a `@triton.jit` kernel exports `AOT_KERNELS`, a list of
+{"fn", "name", "dtype", "signature", "constexprs", "num_warps", ...} for each dtype and config its
+dispatcher can choose. `jit_kernels_missing_from_registry()` names any kernel without an entry.
+
+    python -m kernels.aot                       # table for sm_80 and sm_90
+    python -m kernels.aot --json out.json       # machine-readable, used by the tests
+    python -m kernels.aot --module some.module  # only that module's AOT_KERNELS
+
+Must run without TRITON_INTERPRET=1: the interpreter replaces kernels by Python functions.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Shared memory a block may use (opt-in maximum): H100 227 KiB, A100 163 KiB (CUDA programming guide).
+TARGETS = {"sm_80": (80, 163 * 1024), "sm_90": (90, 227 * 1024)}
+
+
+@dataclass
+class CompileResult:
+    kernel: str
+    module: str
+    target: str
+    dtype: str
+    config: str
+    ok: bool
+    shared_bytes: int | None = None
+    shared_limit: int | None = None
+    num_warps: int | None = None
+    registers: int | None = None
+    stack_bytes: int | None = None  # > 0 means registers spilled to local memory
+    error: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.ok and self.shared_bytes is not None and self.shared_bytes <= self.shared_limit
+
+
+def kernel_modules() -> list[str]:
+    """Every module under kernels/ whose source defines a @triton.jit kernel."""
+    root = Path(__file__).resolve().parent
+    found = []
+    for info in pkgutil.walk_packages([str(root)], prefix="kernels."):
+        path = root.joinpath(*info.name.split(".")[1:])
+        source = path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
+        if source.is_file() and re.search(r"^@triton\.jit", source.read_text(), re.MULTILINE):
+            found.append(info.name)
+    return sorted(found)
+
+
+def jit_kernels_missing_from_registry(modules: list[str] | None = None) -> list[str]:
+    """'module.kernel' for each @triton.jit function that no AOT_KERNELS entry of its module compiles."""
+    from triton.runtime.jit import JITFunction
+
+    missing = []
+    for name in modules or kernel_modules():
+        module = importlib.import_module(name)
+        registered = {spec["fn"].__name__ for spec in getattr(module, "AOT_KERNELS", [])}
+        for attr, value in vars(module).items():
+            if isinstance(value, JITFunction) and value.__module__ == name and attr not in registered:
+                missing.append(f"{name}.{attr}")
+    return missing
+
+
+def _resources(cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers, stack bytes) from the cubin's resource table."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    cuobjdump = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return (int(reg.group(1)) if reg else None, int(stack.group(1)) if stack else None)
+
+
+def compile_spec(spec: dict, module: str, target: str) -> CompileResult:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cc, limit = TARGETS[target]
+    config = ",".join(f"{k}={v}" for k, v in sorted(spec["constexprs"].items()))
+    result = CompileResult(spec["fn"].__name__, module, target, spec["dtype"], config, ok=False, shared_limit=limit)
+    try:
+        compiled = triton.compile(
+            ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"]),
+            target=GPUTarget("cuda", cc, 32), options={"num_warps": spec.get("num_warps", 4)},
+        )
+    except Exception as e:  # any compiler failure is the finding itself
+        result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:500]
+        return result
+    result.ok = True
+    result.shared_bytes = compiled.metadata.shared
+    result.num_warps = compiled.metadata.num_warps
+    result.registers, result.stack_bytes = _resources(compiled.asm["cubin"])
+    return result
+
+
+def compile_all(modules: list[str] | None = None, targets=tuple(TARGETS)) -> list[CompileResult]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces kernels by Python functions")
+    results = []
+    for name in modules or kernel_modules():
+        specs = getattr(importlib.import_module(name), "AOT_KERNELS", [])  # none: reported as missing
+        results += [compile_spec(spec, name, target) for spec in specs for target in targets]
+    return results
+
+
+def print_table(results: list[CompileResult]) -> None:
+    header = f"{'kernel':32} {'target':6} {'dtype':5} {'shared KiB':>10} {'limit':>6} {'warps':>5} {'regs':>4} " \
+             f"{'stack':>5} {'fits':4}  config"
+    print(header)
+    for r in results:
+        shared = f"{r.shared_bytes / 1024:.1f}" if r.ok else "-"
+        fits = "yes" if r.fits else ("NO" if r.ok else "FAIL")
+        print(f"{r.kernel:32} {r.target:6} {r.dtype:5} {shared:>10} {r.shared_limit // 1024:>6} "
+              f"{r.num_warps or '-':>5} {r.registers or '-':>4} {r.stack_bytes if r.ok else '-':>5} {fits:4}  "
+              f"{r.config}{'  ' + r.error if r.error else ''}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--module", action="append", help="only these modules (default: every kernel module)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    missing = [] if args.module else jit_kernels_missing_from_registry()
+    for name in missing:
+        print(f"{name} is a Triton kernel with no AOT_KERNELS entry: add one so it is compiled here")
+    results = compile_all(args.module)
+    print_table(results)
+    if args.json:
+        report = {"missing": missing, "results": [asdict(r) | {"fits": r.fits} for r in results]}
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0 if not missing and all(r.fits for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())
