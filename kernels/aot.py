@@ -66,15 +66,21 @@ def kernel_modules() -> list[str]:
 
 
 def jit_kernels_missing_from_registry(modules: list[str] | None = None) -> list[str]:
-    """'module.kernel' for each @triton.jit function that no AOT_KERNELS entry of its module compiles."""
+    """'module.kernel' for each @triton.jit function that no AOT_KERNELS entry of its module compiles,
+    directly or as a helper it calls."""
     from triton.runtime.jit import JITFunction
 
     missing = []
     for name in modules or kernel_modules():
         module = importlib.import_module(name)
-        registered = {spec["fn"].__name__ for spec in getattr(module, "AOT_KERNELS", [])}
+        specs = getattr(module, "AOT_KERNELS", [])
+        registered = {spec["fn"].__name__ for spec in specs}
+        # A @triton.jit helper called from a registered kernel is compiled as part of that kernel.
+        callers = "\n".join(spec["fn"].src for spec in specs)
         for attr, value in vars(module).items():
-            if isinstance(value, JITFunction) and value.__module__ == name and attr not in registered:
+            if not isinstance(value, JITFunction) or value.__module__ != name or attr in registered:
+                continue
+            if not re.search(rf"\b{attr}\(", callers):
                 missing.append(f"{name}.{attr}")
     return missing
 

@@ -1,0 +1,1 @@
+"""Hot ops: a PyTorch reference, a fast path and one dispatcher per op."""

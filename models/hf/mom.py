@@ -1,0 +1,141 @@
+"""MoM <-> flash-linear-attention's `MomForCausalLM` (model_type "mom", fla.models.mom).
+
+Owns the config map (ModelConfig <-> fla's MomConfig fields) and the state_dict key map, both ways. The
+mixer's parameter names are fla's `MomAttention` names, so every tensor maps one to one, unchanged:
+`blocks.{i}.mixer.X` <-> `model.layers.{i}.attn.X`. Only the gated-delta-rule backend without a
+capacity limit exists in fla (its `capacity` field is unused there).
+
+fla is not imported here (importing it re-registers transformers' mamba / mamba2 Auto classes): the
+exported config is a plain `PretrainedConfig` carrying fla's fields and model_type, which fla's
+MomConfig reads. Loading the folder with `AutoModelForCausalLM` / `AutoConfig` needs `import fla` first.
+"""
+
+import torch
+from transformers import PretrainedConfig
+
+from models.config import ModelConfig, MoMConfig
+
+MODEL_TYPE = "mom"
+
+_TOP_KEYS = {
+    "embed.weight": "model.embeddings.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_BLOCK_PREFIXES = {  # ours -> fla's, inside block i
+    "mixer_norm.": "attn_norm.",
+    "mixer.": "attn.",
+    "ffn_norm.": "mlp_norm.",
+    "ffn.gate.": "mlp.gate_proj.",
+    "ffn.up.": "mlp.up_proj.",
+    "ffn.down.": "mlp.down_proj.",
+}
+
+
+class _FlaConfig(PretrainedConfig):
+    """A config.json writer for fla's MomConfig fields (model_type "mom")."""
+
+    model_type = MODEL_TYPE
+
+
+def to_hf_config(cfg: ModelConfig) -> PretrainedConfig:
+    """Our model config as fla's MomConfig fields (fla's fused GPU kernels on, its defaults)."""
+    m = cfg.mom
+    if set(cfg.layer_mixers()) != {"mom"}:
+        raise ValueError(f"fla's MomForCausalLM has MoM layers only; this model has {cfg.layer_mixers()}")
+    if m.backend != "gated_delta_rule" or m.capacity_factor is not None:
+        raise ValueError("fla's MoM has gated-delta-rule memories and no capacity limit: set "
+                         "mom.backend: gated_delta_rule and mom.capacity_factor: null to export")
+    if not cfg.ffn_hidden_size or cfg.logits_soft_cap is not None:
+        raise ValueError("fla's MoM blocks always have an MLP and no logit soft cap: set model.ffn_hidden "
+                         "to a positive size (or null) and model.logits_soft_cap: null")
+    return _FlaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        attn_mode="chunk",
+        num_heads=cfg.n_heads,
+        head_dim=m.head_dim,
+        expand_v=m.expand_v,
+        conv_size=m.conv_size,
+        use_output_gate=m.use_output_gate,
+        use_short_conv=True,
+        hidden_ratio=4,
+        intermediate_size=cfg.ffn_hidden_size,
+        hidden_act="swish",
+        max_position_embeddings=cfg.max_seq_len,
+        norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std,
+        num_memories=m.num_memories,
+        topk=m.top_k,
+        capacity=1.0,
+        use_layer_wise_balance=True,
+        aux_loss_scale=m.aux_loss_coef,
+        shared_mem=m.shared_memory,
+        single_kv_proj=False,
+        mom_backend="gated_deltanet",
+        fuse_norm=True,
+        fuse_swiglu=True,
+        fuse_cross_entropy=True,
+        architectures=["MomForCausalLM"],
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def from_hf_config(hf: PretrainedConfig) -> ModelConfig:
+    """fla's MomConfig (or its config.json fields) as our model config."""
+    if getattr(hf, "single_kv_proj", False) or not getattr(hf, "use_short_conv", True) or getattr(hf, "attn", None):
+        raise ValueError("MoM checkpoints with single_kv_proj, without short convolutions or with hybrid "
+                         "attention layers have no counterpart here")
+    hidden = hf.intermediate_size or 256 * ((int(hf.hidden_size * (hf.hidden_ratio or 4) * 2 / 3) + 255) // 256)
+    return ModelConfig(
+        vocab_size=hf.vocab_size,
+        d_model=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_heads,
+        mixer="mom",
+        ffn_hidden=hidden,
+        norm_eps=hf.norm_eps,
+        tie_embeddings=hf.tie_word_embeddings,
+        init_std=hf.initializer_range,
+        max_seq_len=hf.max_position_embeddings,
+        mom=MoMConfig(
+            num_memories=hf.num_memories,
+            top_k=hf.topk,
+            shared_memory=hf.shared_mem,
+            aux_loss_coef=hf.aux_loss_scale,
+            head_dim=hf.head_dim,
+            expand_v=hf.expand_v,
+            conv_size=hf.conv_size,
+            use_output_gate=hf.use_output_gate,
+        ),
+    )
+
+
+def _rename(key: str, top: dict[str, str], prefixes: dict[str, str], src: str, dst: str) -> str:
+    if key in top:
+        return top[key]
+    if key.startswith(src):
+        index, _, rest = key[len(src):].partition(".")
+        for a, b in prefixes.items():
+            if rest.startswith(a):
+                return f"{dst}{index}.{b}{rest[len(a):]}"
+    raise KeyError(f"no MoM mapping for state_dict key {key!r}")
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state_dict with fla's keys."""
+    return {_rename(k, _TOP_KEYS, _BLOCK_PREFIXES, "blocks.", "model.layers."): v for k, v in state.items()}
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """fla's MoM state_dict with our keys (the LM head restored from the embedding if tied)."""
+    top = {v: k for k, v in _TOP_KEYS.items()}
+    prefixes = {v: k for k, v in _BLOCK_PREFIXES.items()}
+    ours = {_rename(k, top, prefixes, "model.layers.", "blocks."): v for k, v in state.items()}
+    if cfg.tie_embeddings:
+        ours.setdefault("lm_head.weight", ours["embed.weight"])
+    return ours

@@ -1,0 +1,133 @@
+"""The mLSTM token mixer of xLSTM-7B (Beck et al., 2025), laid out like NX-AI's `mLSTMLayer`.
+
+Per layer: q, k (qk_dim_factor * d_model), v and the output gate (v_dim_factor * d_model) from linear
+maps of the normed input; one scalar input and forget gate per head from linear maps with biases,
+soft-capped; the matrix-memory cell (kernels/mlstm); a per-head LayerNorm (weight, no bias); the
+sigmoid output gate; the out projection. Parameter shapes and order match transformers'
+`xLSTMLayer`, so models/hf/xlstm.py maps weights one to one.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.mlstm import MLSTMState, mlstm_chunkwise, mlstm_recurrent_step, zero_state
+from models.config import ModelConfig
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return cap * torch.tanh(x / cap)
+
+
+class MultiHeadLayerNorm(nn.Module):
+    """LayerNorm over each head's features (no bias), then one weight over all heads' features.
+
+    NX-AI's and transformers' multi-head norm: mean-centred (a LayerNorm, not an RMSNorm), reduced in
+    fp32 and cast back before the weight is applied.
+    """
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads * head_dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (..., NH, DH) -> (..., NH * DH)."""
+        y = F.layer_norm(h.float(), h.shape[-1:], eps=self.eps).to(h.dtype)
+        return y.flatten(-2) * self.weight
+
+
+class MLSTMMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.mlstm_cfg = m = cfg.mlstm
+        self.n_layers = cfg.n_layers
+        self.n_heads = cfg.n_heads
+        qk_dim, v_dim = cfg.d_model * m.qk_dim_factor, cfg.d_model * m.v_dim_factor
+        for name, width in (("qk_dim_factor", qk_dim), ("v_dim_factor", v_dim)):
+            if width != int(width) or int(width) % cfg.n_heads:
+                raise ValueError(
+                    f"model.d_model * mlstm.{name} = {width} must be a whole multiple of "
+                    f"model.n_heads={cfg.n_heads}; change d_model, n_heads or mlstm.{name}"
+                )
+        qk_dim, v_dim = int(qk_dim), int(v_dim)
+        self.qk_head_dim, self.v_head_dim = qk_dim // cfg.n_heads, v_dim // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.d_model, qk_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, qk_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, v_dim, bias=False)
+        self.o_gate = nn.Linear(cfg.d_model, v_dim, bias=False)
+        self.i_gate = nn.Linear(cfg.d_model, cfg.n_heads, bias=True)
+        self.f_gate = nn.Linear(cfg.d_model, cfg.n_heads, bias=True)
+        self.head_norm = MultiHeadLayerNorm(cfg.n_heads, self.v_head_dim, cfg.norm_eps)
+        self.out_proj = nn.Linear(v_dim, cfg.d_model, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """NX-AI's xLSTM-7B init (transformers' `xLSTMPreTrainedModel._init_weights`)."""
+        # Gates start input-independent: a strongly negative input gate keeps early writes small and the
+        # forget-gate biases spread the heads' memory horizons (sigmoid(3..6) = 0.95..0.998).
+        for gate in (self.i_gate, self.f_gate):
+            nn.init.zeros_(gate.weight)
+        nn.init.constant_(self.i_gate.bias, self.mlstm_cfg.igate_bias_init)
+        first, last = self.mlstm_cfg.fgate_bias_init
+        self.f_gate.bias.copy_(torch.linspace(first, last, self.n_heads))
+        # Wang init (GPT-NeoX) on the projection back into the residual stream: shrinks with depth.
+        d_model = self.out_proj.out_features
+        nn.init.normal_(self.out_proj.weight, std=2 / self.n_layers / math.sqrt(d_model))
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> MLSTMState:
+        """The empty memory: C = n = 0 and stabiliser m = 0, always fp32 (dtype is ignored)."""
+        return zero_state(batch_size, self.n_heads, self.qk_head_dim, self.v_head_dim, device)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (..., D) -> q, k (..., NH, DQK); v (..., NH, DV); soft-capped gates i, f (..., NH)."""
+        heads = x.shape[:-1] + (self.n_heads, -1)
+        q = self.q_proj(x).view(heads)
+        k = self.k_proj(x).view(heads)
+        v = self.v_proj(x).view(heads)
+        cap = self.mlstm_cfg.gate_soft_cap
+        return q, k, v, soft_cap(self.i_gate(x), cap), soft_cap(self.f_gate(x), cap)
+
+    def _output(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """x (..., D), cell output h (..., NH, DV) -> mixer output (..., D)."""
+        return self.out_proj(torch.sigmoid(self.o_gate(x)) * self.head_norm(h))
+
+    # Sequence parallelism (train/sequence_parallel.py) runs project and output on local tokens and `mix`
+    # on whole sequences of a subset of heads: the mLSTM cell is independent across heads.
+    def sp_head_counts(self) -> dict[str, int]:
+        return {"model.n_heads": self.n_heads}
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (B, T, D) -> q, k (B, T, NH, DQK); v (B, T, NH, DV); i, f (B, T, NH)."""
+        return self._project(x)
+
+    def mix(self, q, k, v, i, f) -> torch.Tensor:
+        """Whole sequences of some heads -> h (B, T, NH, DV)."""
+        return self._cell(q, k, v, i, f, None)[0]
+
+    def _cell(self, q, k, v, i, f, state: MLSTMState | None) -> tuple[torch.Tensor, MLSTMState]:
+        h, state = mlstm_chunkwise(
+            q.transpose(1, 2),  # (B, NH, T, DQK)
+            k.transpose(1, 2),
+            v.transpose(1, 2),  # (B, NH, T, DV)
+            i.transpose(1, 2),  # (B, NH, T)
+            f.transpose(1, 2),
+            initial_state=state,
+            chunk_size=self.mlstm_cfg.chunk_size,
+            eps=self.mlstm_cfg.eps,
+        )
+        return h.transpose(1, 2), state  # h back to (B, T, NH, DV)
+
+    def output(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._output(x, h)
+
+    def forward(self, x: torch.Tensor, state: MLSTMState | None = None) -> tuple[torch.Tensor, MLSTMState]:
+        h, state = self._cell(*self.project(x), state)
+        return self.output(h, x), state
+
+    def step(self, x_t: torch.Tensor, state: MLSTMState) -> tuple[torch.Tensor, MLSTMState]:
+        q, k, v, i, f = self._project(x_t)  # (B, NH, DQK) ... (B, NH)
+        h, state = mlstm_recurrent_step(q, k, v, i, f, state, eps=self.mlstm_cfg.eps)  # h (B, NH, DV)
+        return self._output(x_t, h), state
