@@ -19,7 +19,8 @@ from models.norms import RMSNorm
 class LMOutput:
     logits: torch.Tensor  # (B, T, V)
     state: list | None  # one recurrent state (or KV cache) per layer; None when not asked for
-    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100 (+ aux_loss)
+    aux_loss: torch.Tensor | None = None  # sum of the mixers' auxiliary losses (MoM load balancing), weighted
 
 
 class CausalLM(nn.Module):
@@ -28,6 +29,10 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i, name) for i, name in enumerate(cfg.layer_mixers()))
+        # Mixers with parameters shared across depth (HGRN2's forget-gate lower bounds) see their peers.
+        for block in self.blocks:
+            if hasattr(block.mixer, "link_layers"):
+                block.mixer.link_layers([b.mixer for b in self.blocks])
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -72,7 +77,12 @@ class CausalLM(nn.Module):
             new_state.append(layer_state)
         logits = self._logits(x)
         loss = None if labels is None else lm_loss(logits, labels)
-        return LMOutput(logits, new_state if (return_state or state is not None) else None, loss)
+        # Mixers with an auxiliary loss (MoM's router load balancing) set `aux_loss` in their forward.
+        aux = [b.mixer.aux_loss for b in self.blocks if getattr(b.mixer, "aux_loss", None) is not None]
+        aux_loss = torch.stack(aux).sum() if aux else None
+        if loss is not None and aux_loss is not None:
+            loss = loss + aux_loss
+        return LMOutput(logits, new_state if (return_state or state is not None) else None, loss, aux_loss)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> list:
         return [block.mixer.init_state(batch_size, device, dtype) for block in self.blocks]

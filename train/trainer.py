@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from data import TrainBatches, check_vocab_fits
 from models import CausalLM
+from models.lm import LMOutput
 from train import checkpoint, sequence_parallel
 from train.config import RunConfig
 from train.deepspeed_config import deepspeed_config
@@ -85,12 +86,12 @@ def build_engine(cfg: RunConfig, par: Parallel):
     return engine, n_params
 
 
-def forward_loss(engine, micro_batch: dict[str, torch.Tensor], par: Parallel) -> torch.Tensor:
-    """Mean next-token loss over this rank's tokens of the micro batch."""
+def forward(engine, micro_batch: dict[str, torch.Tensor], par: Parallel) -> LMOutput:
+    """The model on this rank's tokens of the micro batch; `loss` is their mean (plus any auxiliary loss)."""
     if par.sp_size > 1:
         micro_batch = sequence_parallel.shard_sequence(micro_batch, par.sp_rank, par.sp_size)
     ids, labels = (micro_batch[k].to(engine.device) for k in ("input_ids", "labels"))
-    return engine(ids, labels=labels).loss
+    return engine(ids, labels=labels)
 
 
 def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
@@ -126,10 +127,12 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
         while state["step"] < cfg.schedule.steps:
             step = state["step"]
             lr = lr_at(step, cfg.optim.lr, cfg.schedule)
-            loss_sum, finite = 0.0, True
+            loss_sum, aux_sum, finite = 0.0, 0.0, True
             micro_batches = batches.next_step()
             for mb in micro_batches:
-                loss = forward_loss(engine, mb, par)
+                out = forward(engine, mb, par)
+                loss = out.loss
+                aux_sum += 0.0 if out.aux_loss is None else out.aux_loss.item()
                 finite = finite and _all_ranks_finite(loss)
                 loss_sum += loss.item()
                 # A non-finite step still runs backward (ZeRO's hooks expect it) but through a zero loss,
@@ -153,6 +156,8 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
                     "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                     "tokens_seen": state["tokens_seen"], "skipped_steps": state["skipped_steps"],
                     "seq_len": micro_batches[0]["input_ids"].shape[1],
+                    # Auxiliary losses (MoM's load balancing), included in `loss`; 0 for families without one.
+                    "aux_loss": _mean_over_ranks(aux_sum / len(micro_batches), engine.device),
                 }))
             if give_up:
                 raise NonFiniteLossError(

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from train.config import load_config  # noqa: E402
-from train.trainer import build_engine, forward_loss, setup_parallel  # noqa: E402
+from train.trainer import build_engine, forward, setup_parallel  # noqa: E402
 
 
 def fixed_batch(vocab: int, batch: int = 2, seq_len: int = 64) -> dict[str, torch.Tensor]:
@@ -30,7 +30,7 @@ def main() -> None:
     cfg = load_config(config, overrides, world_size=int(os.environ["WORLD_SIZE"]))
     par = setup_parallel(cfg)
     engine, _ = build_engine(cfg, par)
-    loss = forward_loss(engine, fixed_batch(cfg.model.vocab_size), par)
+    loss = forward(engine, fixed_batch(cfg.model.vocab_size), par).loss
     engine.backward(loss * par.loss_scale)
     from deepspeed.utils import safe_get_full_grad
 
