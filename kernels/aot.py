@@ -75,13 +75,16 @@ def jit_kernels_missing_from_registry(modules: list[str] | None = None) -> list[
         module = importlib.import_module(name)
         specs = getattr(module, "AOT_KERNELS", [])
         registered = {spec["fn"].__name__ for spec in specs}
-        # A @triton.jit helper called from a registered kernel is compiled as part of that kernel.
-        callers = "\n".join(spec["fn"].src for spec in specs)
-        for attr, value in vars(module).items():
-            if not isinstance(value, JITFunction) or value.__module__ != name or attr in registered:
-                continue
-            if not re.search(rf"\b{attr}\(", callers):
-                missing.append(f"{name}.{attr}")
+        jitted = {a: v for a, v in vars(module).items() if isinstance(v, JITFunction) and v.__module__ == name}
+        # A @triton.jit helper called from a registered kernel (or from such a helper) is compiled with it.
+        covered, frontier = set(registered), list(registered)
+        while frontier:
+            src = jitted[frontier.pop()].src
+            for attr in jitted.keys() - covered:
+                if re.search(rf"\b{attr}\(", src):
+                    covered.add(attr)
+                    frontier.append(attr)
+        missing += [f"{name}.{attr}" for attr in sorted(jitted.keys() - covered)]
     return missing
 
 
@@ -98,6 +101,14 @@ def _resources(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(reg.group(1)) if reg else None, int(stack.group(1)) if stack else None)
 
 
+def _options(spec: dict) -> dict:
+    """Launch options the dispatcher passes (num_warps, and num_stages where it is not Triton's default)."""
+    options = {"num_warps": spec.get("num_warps", 4)}
+    if spec.get("num_stages") is not None:
+        options["num_stages"] = spec["num_stages"]
+    return options
+
+
 def compile_spec(spec: dict, module: str, target: str) -> CompileResult:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -109,7 +120,7 @@ def compile_spec(spec: dict, module: str, target: str) -> CompileResult:
     try:
         compiled = triton.compile(
             ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"]),
-            target=GPUTarget("cuda", cc, 32), options={"num_warps": spec.get("num_warps", 4)},
+            target=GPUTarget("cuda", cc, 32), options=_options(spec),
         )
     except Exception as e:  # any compiler failure is the finding itself
         result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:500]

@@ -1,0 +1,74 @@
+"""CPU throughput of our linear-recurrence paths (the chunk references the dispatchers use on the CPU)
+against flash-linear-attention's naive PyTorch ops on the same shapes, and how time per token grows
+with the sequence: per-token time at T=4096 over T=512 (goal <= 1.3, i.e. linear in T).
+
+    python bench/linear_attn_cpu.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.delta_rule.reference import delta_rule_chunk  # noqa: E402
+from kernels.gla.reference import gla_chunk  # noqa: E402
+
+B, H, K, V = 1, 4, 64, 64
+
+
+def inputs(T: int, kind: str):
+    q = torch.randn(B, T, H, K)
+    v = torch.randn(B, T, H, V)
+    if kind == "gla":
+        g = F.logsigmoid(2 + torch.randn(B, T, H, K))
+        return q, 1 - g.exp(), v, g
+    k = F.normalize(torch.randn(B, T, H, K), dim=-1)
+    return F.normalize(q, dim=-1), k, v, F.logsigmoid(2 + torch.randn(B, T, H)), torch.rand(B, T, H)
+
+
+def seconds(fn, *args, reps: int = 3) -> float:
+    with torch.no_grad():
+        fn(*args)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn(*args)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ours = {"gla": lambda q, k, v, g: gla_chunk(q, k, v, g, chunk_size=32),
+            "delta_rule": lambda q, k, v, g, b: delta_rule_chunk(q, k, v, g, b, chunk_size=64)}
+    try:
+        from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+        from fla.ops.gla.naive import naive_recurrent_gla
+
+        fla = {"gla": lambda q, k, v, g: naive_recurrent_gla(q, k, v, g),
+               "delta_rule": lambda q, k, v, g, b: naive_recurrent_gated_delta_rule(q, k, v, b, g)}
+    except ImportError:
+        fla = {}
+    print(f"B={B} H={H} K={K} V={V}, {args.threads} threads, forward only")
+    for kind in ("gla", "delta_rule"):
+        t512, t4096 = seconds(ours[kind], *inputs(512, kind)), seconds(ours[kind], *inputs(4096, kind), reps=1)
+        line = (f"{kind:10s} ours: {B * 512 / t512:9.0f} tok/s at T=512, {B * 4096 / t4096:9.0f} tok/s at T=4096; "
+                f"per-token time T=4096 / T=512 = {(t4096 / 4096) / (t512 / 512):.2f}")
+        if kind in fla:
+            t_fla = seconds(fla[kind], *inputs(512, kind), reps=1)
+            line += f"; fla naive {B * 512 / t_fla:8.0f} tok/s at T=512 (ours / fla = {t_fla / t512:.1f}x)"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

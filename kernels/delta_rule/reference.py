@@ -1,0 +1,117 @@
+"""The gated delta rule (Gated DeltaNet; MoM's default memory) in plain PyTorch: the readable spec.
+
+Per head, with the state S of shape (K, V), a scalar log decay g_t <= 0 and a write strength beta_t:
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    o_t = scale * S_t^T q_t
+
+(decay, then replace what S remembers for key k_t by v_t, at rate beta_t). Keys are expected to be
+L2-normalised by the caller (the mixers do it), as flash-linear-attention's `use_qk_l2norm_in_kernel`.
+
+Owns three forms that must agree numerically:
+
+- `delta_rule_step`: one token (generation);
+- `delta_rule_recurrent`: the loop over the step (the definition);
+- `delta_rule_chunk`: the WY form of flash-linear-attention's `chunk_gated_delta_rule` (training and
+  prefill on the CPU, and the spec the Triton kernel is tested against). Inside a chunk of L tokens,
+  with gamma the cumulative log decay from the chunk start and Gamma[t, s] = exp(gamma_t - gamma_s):
+
+      T = (I + tril(diag(beta) K K^T * Gamma, -1))^-1           (L, L), unit lower triangular
+      W = T diag(beta exp(gamma)) K,   U = T diag(beta) V          the WY representation
+      V_new = U - W S_c                                            what each token really writes
+      O = diag(exp(gamma)) Q S_c + (Q K^T * Gamma, causal) V_new
+      S_{c+1} = exp(gamma_L) S_c + (diag(exp(gamma_L - gamma)) K)^T V_new
+
+Layout and state contract follow flash-linear-attention: q, k (B, T, H, K), v (B, T, H, V), g and beta
+(B, T, H); `initial_state` / `final_state` (B, H, K, V), always fp32. All math is fp32; o comes back in
+v's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def check_inputs(q, k, v, g, beta, initial_state=None) -> None:
+    """Raise ValueError unless the shapes follow the contract in the module docstring."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, T, H, K), got shape {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if T == 0:
+        raise ValueError("the sequence is empty (T = 0)")
+    if k.shape != q.shape:
+        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)}")
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be (B, T, H, V) = ({B}, {T}, {H}, V), got {tuple(v.shape)}")
+    if g.shape != (B, T, H) or beta.shape != (B, T, H):
+        raise ValueError(f"g {tuple(g.shape)} and beta {tuple(beta.shape)} must be (B, T, H) = {(B, T, H)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(
+            f"initial_state must be (B, H, K, V) = {(B, H, K, v.shape[-1])}, got {tuple(initial_state.shape)}"
+        )
+
+
+def zero_state(batch: int, heads: int, dk: int, dv: int, device=None) -> torch.Tensor:
+    return torch.zeros(batch, heads, dk, dv, dtype=torch.float32, device=device)
+
+
+def delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, scale: float | None = None):
+    """One token. q_t, k_t (B, H, K); v_t (B, H, V); g_t, beta_t (B, H); state (B, H, K, V) fp32 or None.
+    Returns o_t (B, H, V) in v's dtype and the new fp32 state."""
+    scale = q_t.shape[-1] ** -0.5 if scale is None else scale
+    if state is None:
+        state = zero_state(q_t.shape[0], q_t.shape[1], q_t.shape[2], v_t.shape[-1], q_t.device)
+    k32, v32 = k_t.float(), v_t.float()
+    state = state * g_t.float().exp()[..., None, None]
+    v_new = beta_t.float()[..., None] * (v32 - torch.einsum("bhk,bhkv->bhv", k32, state))  # (B, H, V)
+    state = state + k32[..., None] * v_new[..., None, :]
+    o_t = torch.einsum("bhk,bhkv->bhv", q_t.float() * scale, state)
+    return o_t.to(v_t.dtype), state
+
+
+def delta_rule_recurrent(q, k, v, g, beta, scale: float | None = None, initial_state=None):
+    """Token-by-token gated delta rule (the definition). Shapes as in the module docstring."""
+    check_inputs(q, k, v, g, beta, initial_state)
+    state, outs = initial_state, []
+    for t in range(q.shape[1]):
+        o_t, state = delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, scale)
+        outs.append(o_t)
+    return torch.stack(outs, dim=1), state
+
+
+def delta_rule_chunk(q, k, v, g, beta, scale: float | None = None, initial_state=None, chunk_size: int = 64):
+    """Chunkwise (WY) gated delta rule, differentiable. Shapes and math in the module docstring."""
+    check_inputs(q, k, v, g, beta, initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    L, dtype = chunk_size, v.dtype
+    pad = -T % L
+    # (B, H, NC, L, D) / (B, H, NC, L): padded tokens have k = v = 0, beta = 0, g = 0 (no effect).
+    q, k, v = (F.pad(x.float(), (0, 0, 0, 0, 0, pad)).transpose(1, 2) for x in (q, k, v))
+    g, beta = (F.pad(x.float(), (0, 0, 0, pad)).transpose(1, 2) for x in (g, beta))
+    q, k, v = (x.reshape(B, H, -1, L, x.shape[-1]) for x in (q, k, v))
+    g, beta = (x.reshape(B, H, -1, L) for x in (g, beta))
+    q = q * scale
+    gamma = g.cumsum(-1)  # (B, H, NC, L)
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    decay = torch.where(causal, gamma[..., :, None] - gamma[..., None, :], -torch.inf).exp()  # Gamma
+
+    # WY representation of every chunk at once; the triangular solve is exact forward substitution.
+    m = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)  # (B, H, NC, L, L)
+    eye = torch.eye(L, device=q.device).expand_as(m)
+    t_inv = torch.linalg.solve_triangular(eye + m, eye, upper=False, unitriangular=True)
+    w = t_inv @ (k * (beta * gamma.exp())[..., None])  # (B, H, NC, L, K)
+    u = t_inv @ (v * beta[..., None])  # (B, H, NC, L, V)
+    attn = (q @ k.transpose(-1, -2)) * decay  # (B, H, NC, L, L), zero above the diagonal
+    k_dec = k * (gamma[..., -1:] - gamma).exp()[..., None]  # weight of token s in the next state
+
+    state = zero_state(B, H, K, V, q.device) if initial_state is None else initial_state.float()
+    outs = []
+    for c in range(q.shape[2]):
+        v_new = u[:, :, c] - w[:, :, c] @ state  # (B, H, L, V)
+        outs.append((q[:, :, c] * gamma[:, :, c, :, None].exp()) @ state + attn[:, :, c] @ v_new)
+        state = gamma[:, :, c, -1, None, None].exp() * state + k_dec[:, :, c].transpose(-1, -2) @ v_new
+    o = torch.stack(outs, dim=2).reshape(B, H, -1, V)[:, :, :T].transpose(1, 2)
+    return o.to(dtype), state

@@ -1,0 +1,98 @@
+"""HGRN2 token mixer (Qin et al., 2024, "HGRN2: Gated Linear RNNs with State Expansion").
+
+Per head, the state is expanded by an outer product: with forget gate f_t (per forget dimension),
+    S_t = diag(f_t) S_{t-1} + (1 - f_t) i_t^T,    o_t = S_t^T q_t
+i.e. gated linear attention with log decay log f_t, key 1 - f_t, value i_t (the input path) and the
+query from HGRN's output-gate path, q_t = silu(q_proj(x)). In every HGRN2 layer but the first the forget
+gate is bounded below, f = lb + (1 - lb) sigmoid(f_proj(x)), by a learned bound that rises with depth:
+    lb = cumsum(softmax(lower_bounds, over layers)) - softmax(...)[0]      (per forget dimension)
+so deeper layers remember longer (HGRN's lower bounds). The output is RMS-normalised over d_model,
+then projected.
+
+The layout is flash-linear-attention's `HGRN2Attention` + `HGRN2Model.lower_bounds`, so weights map
+one to one: q_proj, f_proj, i_proj, g_norm, o_proj here; fla's (n_layers, d_model) `lower_bounds` is the
+stack of each layer's `lower_bound` row. The rows live in the layers (each layer owns its parameter)
+and `link_layers` (called by CausalLM after building the blocks) lets every HGRN2 layer read all rows
+for the softmax over depth. Under ZeRO-3 those peer rows are "external parameters" of each layer
+(`deepspeed.zero.register_external_parameter`).
+
+State: the GLA state (B, H, expand_ratio, d_model / H), fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.gla import chunk_gla, gla_step
+from kernels.gla.reference import zero_state
+from models.config import ModelConfig
+
+
+class HGRN2Mixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        hc = cfg.hgrn2
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.n_heads
+        self.forget_dim = cfg.n_heads * hc.expand_ratio  # == d_model (checked by ModelConfig)
+        self.head_f_dim, self.head_i_dim = hc.expand_ratio, cfg.d_model // cfg.n_heads
+        self.chunk_size = hc.chunk_size
+        self.norm_eps = hc.output_norm_eps
+        self.q_proj = nn.Linear(cfg.d_model, self.forget_dim, bias=False)
+        self.f_proj = nn.Linear(cfg.d_model, self.forget_dim, bias=False)
+        self.i_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.g_norm = nn.Module()  # named like fla's so the weight maps by name: g_norm.weight
+        self.g_norm.weight = nn.Parameter(torch.ones(cfg.d_model))
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        # This layer's row of fla's `lower_bounds`; zeros = equal softmax shares, the fla init.
+        self.lower_bound = nn.Parameter(torch.zeros(self.forget_dim)) if hc.use_lower_bound else None
+        self._peers: list[HGRN2Mixer] = [self]
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.g_norm.weight)
+        if self.lower_bound is not None:
+            nn.init.zeros_(self.lower_bound)
+
+    def link_layers(self, mixers: list[nn.Module]) -> None:
+        """Called by CausalLM with every layer's mixer: the HGRN2 ones share the softmax over depth."""
+        self._peers = [m for m in mixers if isinstance(m, HGRN2Mixer)]
+
+    def _forget_bound(self) -> torch.Tensor | None:
+        """This layer's lower bound on the forget gate (forget_dim,), or None in the first HGRN2 layer."""
+        depth = next(i for i, m in enumerate(self._peers) if m is self)
+        if self.lower_bound is None or depth == 0:
+            return None
+        shares = torch.stack([m.lower_bound for m in self._peers]).softmax(0, dtype=torch.float32)
+        return shares[1 : depth + 1].sum(0)  # = cumsum(shares)[depth] - shares[0]
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        return zero_state(batch_size, self.n_heads, self.head_f_dim, self.head_i_dim, device)
+
+    def _qkvg(self, x: torch.Tensor):
+        """q, k, g (..., H, expand_ratio) and v (..., H, d_model / H) from x (..., d_model)."""
+        q = F.silu(self.q_proj(x))
+        g = F.logsigmoid(self.f_proj(x).float())  # log forget gate
+        bound = self._forget_bound()
+        if bound is not None:  # log(lb + (1 - lb) sigmoid(f)), computed in log space as fla does
+            g = torch.logaddexp(bound.log(), torch.log1p(-bound) + g)
+        k = 1 - g.exp()
+        split = lambda t, d: t.unflatten(-1, (self.n_heads, d))  # noqa: E731
+        return (split(q, self.head_f_dim), split(k.to(x.dtype), self.head_f_dim),
+                split(self.i_proj(x), self.head_i_dim), split(g, self.head_f_dim))
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        o = o.flatten(-2).float()  # (..., d_model)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.g_norm.weight.float()
+        return self.o_proj(o.to(self.o_proj.weight.dtype))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, g = self._qkvg(x)  # (B, T, H, dk) x3 with g, v (B, T, H, dv)
+        o, state = chunk_gla(q, k, v, g, initial_state=state, chunk_size=self.chunk_size)
+        return self._out(o), state
+
+    def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, g = self._qkvg(x_t)  # (B, H, d)
+        o, state = gla_step(q, k, v, g, state)
+        return self._out(o), state
