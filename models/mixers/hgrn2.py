@@ -87,6 +87,19 @@ class HGRN2Mixer(nn.Module):
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.g_norm.weight.float()
         return self.o_proj(o.to(self.o_proj.weight.dtype))
 
+    # Sequence parallelism (train/sequence_parallel.py): the recurrence is independent across heads.
+    def sp_head_counts(self) -> dict[str, int]:
+        return {"model.n_heads": self.n_heads}
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._qkvg(x)
+
+    def mix(self, q, k, v, g) -> torch.Tensor:
+        return chunk_gla(q, k, v, g, chunk_size=self.chunk_size)[0]
+
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._out(o)
+
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v, g = self._qkvg(x)  # (B, T, H, dk) x3 with g, v (B, T, H, dv)
         o, state = chunk_gla(q, k, v, g, initial_state=state, chunk_size=self.chunk_size)

@@ -13,7 +13,7 @@ from train.config import ConfigError, load_config
 pytestmark = pytest.mark.slow
 
 # Each family adds its tiny config here once its mixer offers project / mix / output.
-FAMILIES = ["transformer", "xlstm"]
+FAMILIES = ["transformer", "xlstm", "hgrn2"]
 
 
 def reference(cfg) -> tuple[float, dict[str, torch.Tensor]]:
