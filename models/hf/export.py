@@ -35,6 +35,9 @@ _SPECIAL_TOKENS = {
 
 def _family_for_mixers(mixers: list[str]) -> ModuleType:
     names = set(mixers)
+    # Fallback to generated trust_remote_code files for layers without a native class (models/hf/remote_code.py).
+    if importlib.import_module("models.hf.remote_code").needs_remote_code(mixers):
+        return importlib.import_module("models.hf.remote_code")
     if len(names) != 1 or next(iter(names)) not in FAMILIES:
         raise ValueError(
             f"no Hugging Face export for layers {sorted(names)}; exportable families: {sorted(FAMILIES)}"
@@ -43,7 +46,7 @@ def _family_for_mixers(mixers: list[str]) -> ModuleType:
 
 
 def _family_for_model_type(model_type: str) -> ModuleType:
-    for module_name in FAMILIES.values():
+    for module_name in [*FAMILIES.values(), "models.hf.remote_code"]:
         module = importlib.import_module(module_name)
         if module.MODEL_TYPE == model_type:
             return module
@@ -85,6 +88,8 @@ def export_hf(model: CausalLM, out_dir: str | Path, tokenizer_file: str | None =
             setattr(hf_config, role + "_id", token_id)
 
     hf_config.save_pretrained(out)
+    if hasattr(family, "write_code"):  # remote-code fallback: ship the generated modeling files
+        family.write_code(model.cfg, out)
     state = family.to_hf_state_dict(model.state_dict(), model.cfg)
     # safetensors refuses views and shared storage: write each tensor as its own contiguous copy.
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
@@ -94,11 +99,17 @@ def export_hf(model: CausalLM, out_dir: str | Path, tokenizer_file: str | None =
 
 def load_hf(folder: str | Path) -> CausalLM:
     """A CausalLM from a Hugging Face folder of a mapped family (single or sharded safetensors)."""
-    from transformers import AutoConfig
+    from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
     folder = Path(folder)
-    hf_config = AutoConfig.from_pretrained(folder)
-    family = _family_for_model_type(hf_config.model_type)
+    raw = json.loads((folder / "config.json").read_text())  # Python's json reads transformers' `Infinity`
+    family = _family_for_model_type(raw.get("model_type", ""))
+    if raw.get("model_type") in CONFIG_MAPPING:
+        hf_config = AutoConfig.from_pretrained(folder)
+    else:
+        # model_types that transformers knows only after importing fla, or through remote code (ours): every
+        # field is in config.json, which is all the family's map reads. No remote code runs here.
+        hf_config = PretrainedConfig.from_dict(raw)
     cfg = family.from_hf_config(hf_config)
     index = folder / "model.safetensors.index.json"
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [

@@ -91,3 +91,10 @@ def test_cli_exits_nonzero_with_the_message_before_any_process_group():
     assert proc.returncode != 0
     assert "optim.lr" in proc.stderr and "model.d_modle: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_tiny_configs_share_the_demo_data_section():
+    # One prepared corpus serves every tiny family (and the tests' shared shards fixture).
+    expected = yaml.safe_load(TINY_TRANSFORMER.read_text())["data"]
+    for path in sorted(TINY.glob("*.yaml")):
+        assert yaml.safe_load(path.read_text())["data"] == expected, path.name
