@@ -20,7 +20,7 @@ import torch.distributed as dist
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
-UNIVERSAL = "universal"  # <step>/universal/: the step in DeepSpeed's universal format, made when resuming on another dp size
+UNIVERSAL = "universal"  # <step>/universal/: that step in DeepSpeed's universal format (see `_universal`)
 
 
 class CheckpointError(RuntimeError):
@@ -64,7 +64,15 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
 
 def check_model_config(path: Path, model_config: dict) -> None:
     """Refuses a checkpoint written for a different model shape, naming the keys that differ."""
-    saved = json.loads((path / MODEL_CONFIG).read_text())
+    from models import ModelConfig
+
+    # Through today's schema: sections added since the checkpoint was written take their defaults on both
+    # sides instead of reading as a different model.
+    try:
+        saved = ModelConfig(**json.loads((path / MODEL_CONFIG).read_text())).model_dump(mode="json")
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} has a model config this code cannot read: {e}") from None
+    model_config = ModelConfig(**model_config).model_dump(mode="json")
     diff = {k: (saved.get(k), model_config.get(k)) for k in saved.keys() | model_config.keys()
             if saved.get(k) != model_config.get(k)}
     if diff:

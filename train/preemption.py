@@ -24,6 +24,7 @@ class Preemption:
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
         self.received: signal.Signals | None = None
+        self.signals = signals
         for sig in signals:
             signal.signal(sig, self._handle)
 
@@ -40,6 +41,11 @@ class Preemption:
         """Call after the checkpoint of `step` is complete: ends this rank with PREEMPTED_EXIT_CODE."""
         from train.distributed import shutdown
 
+        # The first rank to exit 75 makes srun (--kill-on-bad-exit) or DeepSpeed's launcher SIGTERM the others.
+        # They have saved already; ignoring it lets them end with 75 too instead of dying of the signal in
+        # interpreter teardown, where Python's own handlers are gone, so the job's exit code stays 75.
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
         if dist.get_rank() == 0:
             print(f"preempted at step {step}: checkpoint saved", flush=True)
         shutdown()

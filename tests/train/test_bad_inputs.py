@@ -57,3 +57,15 @@ def test_resume_from_an_incomplete_checkpoint_folder(train, tmp_path):
     run = train(TINY / "transformer.yaml", launcher="python", extra=["--resume", str(partial)], check=False)
     assert run.proc.returncode != 0
     assert "not a complete checkpoint" in run.output
+
+
+def test_checkpoint_written_before_new_config_sections_still_resumes(tmp_path):
+    import json
+
+    from train.checkpoint import check_model_config
+    from train.config import load_config
+
+    current = load_config(TINY / "transformer.yaml").model.model_dump(mode="json")
+    older = {k: v for k, v in current.items() if k not in ("scout", "bst")}  # as saved before those landed
+    (tmp_path / "model_config.json").write_text(json.dumps(older))
+    check_model_config(tmp_path, current)  # no error: the missing sections take their defaults
