@@ -26,7 +26,9 @@ BLOCK_PREFIXES = {"mixer_norm.": "norm.", "mixer.": "mixer."}
 def check_exportable(cfg: ModelConfig, mixer: str, hf_class: str) -> None:
     """transformers' Mamba models are one mixer everywhere, one norm per block, no FFN, no logit cap."""
     if set(cfg.layer_mixers()) != {mixer}:
-        raise ValueError(f"transformers' {hf_class} has {mixer} layers only; this model has {cfg.layer_mixers()}")
+        raise ValueError(
+            f"transformers' {hf_class} has {mixer} layers only; this model has {cfg.layer_mixers()}"
+        )
     if cfg.ffn_hidden_size:
         raise ValueError(f"transformers' {hf_class} blocks have no FFN; set model.ffn_hidden: 0")
     if cfg.logits_soft_cap is not None:
@@ -94,7 +96,8 @@ def from_hf_config(hf: HFMambaConfig, max_seq_len: int = 2048) -> ModelConfig:
 
 
 def _rename(key: str, top: dict[str, str], blocks: tuple[str, str], prefixes: dict[str, str]) -> str:
-    """Translate one key: `top` outside the blocks; block keys `{blocks[0]}{i}.{p}rest` -> `{blocks[1]}{i}.{q}rest`."""
+    """Translate one key: by `top` outside the blocks; inside them
+    `{blocks[0]}{i}.{old}rest` -> `{blocks[1]}{i}.{new}rest` for each (old, new) of `prefixes`."""
     if key in top:
         return top[key]
     if key.startswith(blocks[0]):

@@ -51,7 +51,8 @@ def from_hf_config(hf: HFMamba2Config, max_seq_len: int = 2048) -> ModelConfig:
     if hf.hidden_act != "silu" or hf.expand * hf.hidden_size != hf.num_heads * hf.head_dim:
         raise ValueError(
             "only Mamba-2 configs with hidden_act='silu' and num_heads * head_dim = expand * hidden_size map "
-            f"to ours, got {hf.hidden_act!r}, {hf.num_heads} * {hf.head_dim} vs {hf.expand} * {hf.hidden_size}"
+            f"to ours, got {hf.hidden_act!r}, {hf.num_heads} * {hf.head_dim} against "
+            f"{hf.expand} * {hf.hidden_size}"
         )
     lo, hi = (float(v) for v in hf.time_step_limit)
     return ModelConfig(

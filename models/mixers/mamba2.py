@@ -1,0 +1,111 @@
+"""The Mamba-2 token mixer (Dao & Gu, 2024), laid out exactly as transformers' `Mamba2Mixer`.
+
+Per layer: one in_proj to (z, xBC, dt); depthwise causal conv (with bias) and SiLU over xBC, split into
+x (heads of headdim channels), B and C (n_groups each); SSD with a scalar decay A = -exp(A_log) per
+head, dt = softplus(dt + dt_bias) and the skip D (kernels/ssd); a gated RMSNorm per group,
+RMSNorm(y * silu(z)); out_proj. Parameter names and shapes equal transformers' (and mamba-ssm's
+`Mamba2` without its optional extra MLP), so models/hf/mamba2.py maps weights one to one.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.ssd import ssd, ssd_step
+from models.config import ModelConfig
+from models.mixers.mamba import ShortConv, SSMState, exclude_from_weight_decay, softplus_inverse_dt
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) per group of channels, fp32 (mamba-ssm's RMSNormGated, norm_before_gate=False)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float):
+        super().__init__()
+        self.group_size, self.eps = group_size, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, z (..., dim) -> (..., dim) in y's dtype."""
+        h = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.flatten(-2).to(y.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        m = self.cfg = cfg.mamba2
+        self.n_layers, self.init_std = cfg.n_layers, cfg.init_std
+        self.d_inner = m.expand * cfg.d_model
+        if self.d_inner % m.headdim or (self.d_inner // m.headdim) % m.n_groups:
+            raise ValueError(
+                f"mamba2: d_inner = expand * d_model = {self.d_inner} must split into heads of "
+                f"mamba2.headdim={m.headdim} whose number divides by mamba2.n_groups={m.n_groups}; "
+                "change d_model, expand, headdim or n_groups"
+            )
+        self.n_heads = self.d_inner // m.headdim
+        self.bc_dim = m.n_groups * m.d_state  # width of B and of C
+        conv_dim = self.d_inner + 2 * self.bc_dim
+        # One projection to z (d_inner), xBC (conv_dim) and dt (heads).
+        self.in_proj = nn.Linear(cfg.d_model, self.d_inner + conv_dim + self.n_heads, bias=m.bias)
+        self.conv1d = ShortConv(conv_dim, m.d_conv, m.conv_bias)
+        # Input-independent SSM parameters, one per head: registered Parameters so ZeRO-3 partitions them.
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // m.n_groups, cfg.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=m.bias)
+        exclude_from_weight_decay(self, ("dt_bias", "A_log", "D"))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """mamba-ssm's `Mamba2` init over the generic one."""
+        m = self.cfg
+        self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(*m.A_init_range)))
+        self.D.fill_(1.0)
+        self.dt_bias.copy_(softplus_inverse_dt(self.n_heads, m.dt_min, m.dt_max, m.dt_init_floor))
+        self.conv1d.reset_parameters()  # PyTorch's default conv init, as in mamba-ssm
+        self.norm.weight.fill_(1.0)
+        # Residual branches add up over depth: shrink the projection back into the stream (GPT-2 style).
+        nn.init.normal_(self.out_proj.weight, std=self.init_std / math.sqrt(self.n_layers))
+
+    @property
+    def A(self) -> torch.Tensor:
+        return -torch.exp(self.A_log.float())  # (heads,)
+
+    def _scan_args(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """xbc (..., conv_dim) -> x (..., heads, headdim), B, C (..., n_groups, d_state)."""
+        x, B, C = xbc.split([self.d_inner, self.bc_dim, self.bc_dim], dim=-1)
+        groups = (self.cfg.n_groups, self.cfg.d_state)
+        x = x.unflatten(-1, (self.n_heads, self.cfg.headdim))
+        return x, B.unflatten(-1, groups), C.unflatten(-1, groups)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> SSMState:
+        m = self.cfg
+        ssm = torch.zeros(batch_size, self.n_heads, m.headdim, m.d_state, device=device, dtype=torch.float32)
+        return SSMState(self.conv1d.init_state(batch_size, device, dtype), ssm)
+
+    def forward(self, x: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
+        """x (B, T, d_model) -> y (B, T, d_model), state after the last token."""
+        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv1d.in_channels, self.n_heads], dim=-1)
+        xbc, conv_state = self.conv1d(xbc, None if state is None else state.conv)
+        xs, B, C = self._scan_args(xbc)  # (B, T, H, P), (B, T, G, N) x2
+        y, ssm_state = ssd(
+            xs, dt, self.A, B, C, self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            dt_limit=self.cfg.dt_limit, initial_state=None if state is None else state.ssm,
+        )
+        y = self.norm(y.flatten(-2), z)  # (B, T, d_inner)
+        return self.out_proj(y), SSMState(conv_state, ssm_state)
+
+    def step(self, x_t: torch.Tensor, state: SSMState) -> tuple[torch.Tensor, SSMState]:
+        """x_t (B, d_model) -> y_t (B, d_model), state after this token."""
+        z, xbc, dt = self.in_proj(x_t).split([self.d_inner, self.conv1d.in_channels, self.n_heads], dim=-1)
+        xbc, conv_state = self.conv1d.step(xbc, state.conv)
+        xs, B, C = self._scan_args(xbc)  # (B, H, P), (B, G, N) x2
+        y, ssm_state = ssd_step(
+            state.ssm, xs, dt, self.A, B, C, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            dt_limit=self.cfg.dt_limit,
+        )
+        return self.out_proj(self.norm(y.flatten(-2), z)), SSMState(conv_state, ssm_state)
