@@ -4,12 +4,23 @@ Every field carries its documentation; validation lives next to the field it che
 stops with a message naming the key and the fix before any process starts.
 """
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # One letter per mixer family, as in Megatron's hybrid layer pattern. Families land one by one;
 # a letter appears here when its mixer exists in models/mixers/.
 PATTERN_LETTERS = {
     "A": "attention",
+    "X": "mlstm",
+    "M": "mamba",
+    "m": "mamba2",
+    "H": "hgrn2",
+    "R": "mom",  # routed memories
+    # Hybrids (BST, SCOUT) and their windowed-attention part.
+    "W": "sliding_window",
+    "B": "bst",
+    "S": "scout",
 }
 
 
@@ -24,6 +35,173 @@ class AttentionConfig(Section):
 
     n_kv_heads: int | None = Field(None, gt=0, description="Key/value heads (GQA); None means n_heads.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+
+
+class MLSTMConfig(Section):
+    """mLSTM of xLSTM-7B (Beck et al., 2025; NX-AI's xLSTMLargeConfig): matrix memory, exponential gates."""
+
+    qk_dim_factor: float = Field(0.5, gt=0, description="Query/key width as a multiple of d_model.")
+    v_dim_factor: float = Field(1.0, gt=0, description="Value (and output gate) width as a multiple of d_model.")
+    gate_soft_cap: float = Field(15.0, gt=0, description="cap * tanh(x / cap) on the gate pre-activations.")
+    chunk_size: int = Field(64, gt=0, description="Tokens per chunk of the chunkwise kernel (speed only).")
+    eps: float = Field(1e-6, gt=0, description="Added to the mLSTM normaliser |q.n| before dividing.")
+    igate_bias_init: float = Field(-10.0, description="Input-gate bias at init: small writes early on.")
+    fgate_bias_init: tuple[float, float] = Field(
+        (3.0, 6.0), description="Forget-gate biases at init, spaced linearly over heads from first to last."
+    )
+
+
+class MambaConfig(Section):
+    """Mamba-1 selective SSM (Gu & Dao, 2023), laid out as transformers' `MambaMixer` (mamba-ssm's `Mamba`).
+
+    Reads no `model.n_heads` (Mamba-1 has no heads; the shipped configs set it to 1).
+    """
+
+    d_state: int = Field(16, gt=0, description="SSM state size N per inner channel.")
+    d_conv: int = Field(4, gt=1, description="Width of the depthwise causal convolution.")
+    expand: int = Field(2, gt=0, description="Inner width d_inner = expand * d_model.")
+    dt_rank: int | None = Field(None, gt=0, description="Rank of the dt projection; None: ceil(d_model/16).")
+    dt_min: float = Field(0.001, gt=0, description="Smallest dt at init (log-uniform in [dt_min, dt_max]).")
+    dt_max: float = Field(0.1, gt=0, description="Largest step size dt at init.")
+    dt_init_floor: float = Field(1e-4, gt=0, description="Initial dt values are clamped to at least this.")
+    dt_scale: float = Field(1.0, gt=0, description="dt_proj weights start in +-dt_scale / sqrt(dt_rank).")
+    conv_bias: bool = Field(True, description="Bias in the causal convolution.")
+    bias: bool = Field(False, description="Biases in in_proj and out_proj.")
+
+    @model_validator(mode="after")
+    def _dt_range(self):
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min={self.dt_min} exceeds dt_max={self.dt_max}")
+        return self
+
+
+class Mamba2Config(Section):
+    """Mamba-2 / SSD (Dao & Gu, 2024), laid out as transformers' `Mamba2Mixer` (mamba-ssm's `Mamba2`).
+
+    Heads are expand * d_model / headdim; `model.n_heads` is not read (the shipped configs set it to that
+    head count, the number a sequence-parallel split divides).
+    """
+
+    d_state: int = Field(128, gt=0, description="SSM state size N per head channel.")
+    d_conv: int = Field(4, gt=1, description="Width of the depthwise causal convolution over x, B and C.")
+    expand: int = Field(2, gt=0, description="Inner width d_inner = expand * d_model.")
+    headdim: int = Field(64, gt=0, description="Channels per SSD head P; heads = d_inner / headdim.")
+    n_groups: int = Field(1, gt=0, description="Groups sharing B and C (like GQA's key/value groups).")
+    chunk_size: int = Field(256, gt=0, description="Steps per chunk of the chunked scan (speed only).")
+    A_init_range: tuple[float, float] = Field(
+        (1.0, 16.0), description="Per-head decay rates -A start uniform in this range (A = -exp(A_log))."
+    )
+    dt_min: float = Field(0.001, gt=0, description="Smallest dt at init (log-uniform in [dt_min, dt_max]).")
+    dt_max: float = Field(0.1, gt=0, description="Largest step size dt at init.")
+    dt_init_floor: float = Field(1e-4, gt=0, description="Initial dt values are clamped to at least this.")
+    dt_limit: tuple[float, float] | None = Field(
+        None, description="Clamp softplus(dt) into (lo, hi) in training and decoding; None = no clamp."
+    )
+    conv_bias: bool = Field(True, description="Bias in the causal convolution.")
+    bias: bool = Field(False, description="Biases in in_proj and out_proj.")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min={self.dt_min} exceeds dt_max={self.dt_max}")
+        if not 0 < self.A_init_range[0] <= self.A_init_range[1]:
+            raise ValueError(f"A_init_range={self.A_init_range} must be (lo, hi) with 0 < lo <= hi")
+        return self
+
+
+class HGRN2Config(Section):
+    """HGRN2 (Qin et al., 2024; flash-linear-attention's HGRN2Attention): gated linear recurrence whose
+    state is expanded by an outer product; heads = d_model / expand_ratio, so set model.n_heads to that."""
+
+    expand_ratio: int = Field(128, gt=0, description="Forget/query width per head (state rows); fla: 128.")
+    use_lower_bound: bool = Field(
+        True, description="Forget gates >= a learned bound that rises with depth (0 in the first HGRN2 layer)."
+    )
+    output_norm_eps: float = Field(
+        1e-5, gt=0, description="Epsilon of the output RMSNorm (fla's fused rms_norm_linear default)."
+    )
+    chunk_size: int | None = Field(None, gt=0, description="Chunk of the GLA kernel; None = backend default.")
+
+
+class MoMConfig(Section):
+    """Mixture-of-Memories (Du et al., 2025; fla's MomAttention): a router sends each token to top_k of
+    num_memories recurrent memories (each sees only its own tokens) plus an always-on shared memory."""
+
+    num_memories: int = Field(4, gt=0, description="Routed memories per layer.")
+    top_k: int = Field(2, gt=0, description="Memories each token is written to and read from.")
+    shared_memory: bool = Field(True, description="Add a memory every token goes through (unweighted).")
+    capacity_factor: float | None = Field(
+        None, gt=0, description="None = no limit (fla). Else a memory takes at most "
+        "ceil(factor * top_k * max_seq_len / num_memories) tokens per sequence, first come first served.",
+    )
+    aux_loss_coef: float = Field(0.01, ge=0, description="Weight of the load-balancing loss (mean over layers).")
+    backend: str = Field("gated_delta_rule", description="Memory recurrence: 'gated_delta_rule' (fla) or 'gla'.")
+    head_dim: int = Field(256, gt=0, description="Query/key width per head.")
+    expand_v: float = Field(1.0, gt=0, description="Value width per head as a multiple of head_dim.")
+    conv_size: int = Field(4, gt=1, description="Width of the short causal convolutions on q, k, v.")
+    use_output_gate: bool = Field(True, description="Gate the normalised output with silu(g_proj(x)).")
+    chunk_size: int | None = Field(None, gt=0, description="Chunk of the memory kernel; None = backend default.")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v not in ("gated_delta_rule", "gla"):
+            raise ValueError(f"mom.backend={v!r}; choose 'gated_delta_rule' or 'gla'")
+        return v
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> "MoMConfig":
+        if self.top_k > self.num_memories:
+            raise ValueError(f"mom.top_k={self.top_k} exceeds mom.num_memories={self.num_memories}")
+        if self.head_dim * self.expand_v != int(self.head_dim * self.expand_v):
+            raise ValueError(f"mom.head_dim * mom.expand_v = {self.head_dim * self.expand_v} is not an integer")
+        return self
+
+
+class SlidingWindowConfig(Section):
+    """Sliding-window attention (`W`): the attention mixer's projections and RoPE (`model.attention`), each
+    query reading only the last `window` positions; decoding keeps a KV cache of window - 1 tokens."""
+
+    window: int = Field(512, gt=0, description="Positions a query reads, itself included (flash-attn "
+                        "window_size=(window - 1, 0)).")
+
+
+class BSTConfig(Section):
+    """Block-State Transformer (`B`; Fathi et al., 2023): an S4D-style diagonal SSM over the whole sequence
+    gives context states; each block of `block_size` tokens attends causally to itself and to the context
+    states of the tokens before it (models/mixers/bst.py). Attention heads are `model.n_heads` and
+    `model.attention` (n_kv_heads, rope_theta)."""
+
+    block_size: int = Field(128, gt=0, description="Tokens per block W; attention is causal inside a block.")
+    context: Literal["single_head", "multi_head", "multi_filter"] = Field(
+        "multi_filter", description="Context states of the paper: single_head (SH, the previous block's W "
+        "SSM outputs), multi_head (MH, the last SSM output mapped to S states), multi_filter (MF, the last "
+        "outputs of S SSM filters).",
+    )
+    n_context_states: int = Field(32, gt=0, description="S, context states per block for multi_head and "
+                                  "multi_filter (single_head uses block_size).")
+    d_state: int = Field(16, gt=0, description="State size N per channel of the diagonal SSM.")
+    dt_min: float = Field(0.001, gt=0, description="Smallest SSM step size at init (log-uniform to dt_max).")
+    dt_max: float = Field(0.1, gt=0, description="Largest SSM step size at init.")
+
+    @model_validator(mode="after")
+    def _dt_range(self):
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"bst.dt_min={self.dt_min} exceeds bst.dt_max={self.dt_max}")
+        return self
+
+
+class SCOUTConfig(Section):
+    """SCOUT (`S`; Jafari et al., 2025): a local mixer enriches each token; each segment of `segment_size`
+    tokens leaves one checkpoint (the local mixer's output at its end); each token attends to itself and
+    the checkpoints of earlier segments (models/mixers/scout.py). Attention reads `model.n_heads` and
+    `model.attention`."""
+
+    segment_size: int = Field(64, gt=0, description="Tokens per segment S; attention costs T * T / S.")
+    local_mixer: Literal["mamba2", "mamba", "sliding_window"] = Field(
+        "mamba2", description="Local mixer; it reads its own section (model.mamba2, model.mamba or "
+        "model.sliding_window).",
+    )
 
 
 class ModelConfig(Section):
@@ -47,6 +225,14 @@ class ModelConfig(Section):
     max_seq_len: int = Field(2048, gt=0, description="Longest sequence the model is trained or evaluated on.")
     activation_checkpointing: bool = Field(False, description="Recompute each block in the backward pass.")
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    mlstm: MLSTMConfig = Field(default_factory=MLSTMConfig)
+    mamba: MambaConfig = Field(default_factory=MambaConfig)
+    mamba2: Mamba2Config = Field(default_factory=Mamba2Config)
+    hgrn2: HGRN2Config = Field(default_factory=HGRN2Config)
+    mom: MoMConfig = Field(default_factory=MoMConfig)
+    sliding_window: SlidingWindowConfig = Field(default_factory=SlidingWindowConfig)
+    bst: BSTConfig = Field(default_factory=BSTConfig)
+    scout: SCOUTConfig = Field(default_factory=SCOUTConfig)
 
     @field_validator("mixer")
     @classmethod
@@ -73,6 +259,11 @@ class ModelConfig(Section):
             raise ValueError(
                 f"n_layers={self.n_layers} is not a multiple of len(pattern)={len(self.pattern)} "
                 f"({self.pattern!r}); change n_layers or the pattern"
+            )
+        if "hgrn2" in self.layer_mixers() and self.n_heads * self.hgrn2.expand_ratio != self.d_model:
+            raise ValueError(
+                f"HGRN2 has d_model / hgrn2.expand_ratio heads: set model.n_heads={self.d_model // self.hgrn2.expand_ratio}"
+                f" (or hgrn2.expand_ratio={self.d_model // self.n_heads}) for d_model={self.d_model}"
             )
         kv = self.attention.n_kv_heads
         if kv is not None and self.n_heads % kv:

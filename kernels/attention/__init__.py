@@ -1,5 +1,9 @@
-"""Causal softmax attention: flash-attn on CUDA when the `cuda` extra is installed, SDPA otherwise."""
+"""Softmax attention: flash-attn on CUDA when the `cuda` extra is installed, SDPA with boolean masks otherwise.
 
-from kernels.attention.dispatch import causal_attention
+`reference.py` is the spec (masks for causal, sliding-window, block-causal and per-document attention, and
+the checkpoint attention of SCOUT); `dispatch.py` picks the path per call.
+"""
 
-__all__ = ["causal_attention"]
+from kernels.attention.dispatch import attention, causal_attention, checkpoint_attention
+
+__all__ = ["attention", "causal_attention", "checkpoint_attention"]

@@ -1,36 +1,104 @@
-"""Picks the causal attention path: flash-attn for CUDA half-precision tensors when installed, else SDPA."""
+"""Picks the attention path: flash-attn for CUDA half-precision tensors when installed, else SDPA with masks.
 
-import functools
-import logging
+flash-attn (the `cuda` extra) is imported lazily through kernels/backend.py, here and nowhere else. It
+covers causal attention with a key prefix (its causal mask is aligned bottom-right, i.e. to positions
+q_offset + i when Tk = q_offset + Tq), sliding windows (`window_size`), and packed documents and
+block-causal masks through `flash_attn_varlen_func` with `cu_seqlens` (a block-causal mask is varlen
+attention whose boundaries are the block starts). Anything else takes the SDPA reference, which builds
+the equivalent boolean mask. `HP_KERNEL_BACKEND` / `backend=` choose as for the other ops.
+"""
 
 import torch
 
-from kernels.attention.reference import causal_attention_ref
+from kernels.attention.reference import attention_ref, checkpoint_attention_ref
+from kernels.backend import cuda_function, log_path_once
 
-log = logging.getLogger(__name__)
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
-@functools.cache
-def _flash_attn_func():
-    try:
-        from flash_attn import flash_attn_func  # CUDA-only package, from the `cuda` extra
-    except ImportError:
+def _flash(name: str, q: torch.Tensor, backend: str | None):
+    """flash_attn.<name> if this call can use it, else None (logged once per reason)."""
+    fn = cuda_function("attention", q, backend, "flash_attn", name)
+    if fn is not None and (q.dtype not in _FLASH_DTYPES or q.shape[-1] > 256 or q.shape[-1] % 8):
+        log_path_once("attention", "scaled_dot_product_attention (flash-attn needs fp16/bf16, head_dim <= 256)")
         return None
-    return flash_attn_func
+    return fn
 
 
-@functools.cache
-def _log_choice(path: str) -> None:
-    log.info("causal attention uses %s", path)
+def _boundaries(t: int, block_size: int | None, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
+    """int32 cu_seqlens of one row of t tokens: document starts and block starts merged."""
+    starts = [torch.tensor([0, t], device=device)]
+    if block_size is not None:
+        starts.append(torch.arange(0, t, block_size, device=device))
+    if cu_seqlens is not None:
+        starts.append(cu_seqlens.to(device))
+    return torch.unique(torch.cat(starts)).to(torch.int32)  # sorted
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offset: int = 0,
+    window: int | None = None,
+    block_size: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal softmax attention, optionally windowed, block-causal or per document (see reference.py).
+
+    q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with Tk = q_offset + Tq and H % H_kv == 0; cu_seqlens:
+    (n_docs + 1,) int, the same document layout in every row. Returns (B, H, Tq, D).
+
+    >>> q = k = v = torch.randn(1, 4, 10, 16)
+    >>> attention(q, k, v, window=3).shape
+    torch.Size([1, 4, 10, 16])
+    """
+    tq, tk = q.shape[-2], k.shape[-2]
+    if tk != q_offset + tq:
+        raise ValueError(f"attention: Tk={tk} keys must be q_offset={q_offset} + Tq={tq} (a prefix, then the queries)")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    if window is not None and window < 1 or block_size is not None and block_size < 1:
+        raise ValueError(f"attention: window={window} and block_size={block_size} must be >= 1 when given")
+    varlen = block_size is not None or cu_seqlens is not None
+    fn = _flash("flash_attn_varlen_func" if varlen else "flash_attn_func", q, backend)
+    if fn is not None and varlen and q_offset:
+        log_path_once("attention", "scaled_dot_product_attention (varlen with a key prefix)")
+        fn = None
+    if fn is None:
+        log_path_once("attention", "scaled_dot_product_attention")
+        return attention_ref(q, k, v, q_offset, window, block_size, cu_seqlens)
+    log_path_once("attention", "flash-attn")
+    window_size = (-1, -1) if window is None else (window - 1, 0)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn's layout: (B, T, H, D)
+    if not varlen:
+        return fn(q, k, v, causal=True, window_size=window_size).transpose(1, 2)
+    b, t = q.shape[:2]
+    row = _boundaries(t, block_size, cu_seqlens, q.device)  # (n + 1,)
+    cu = torch.cat([row[:-1] + i * t for i in range(b)] + [row[-1:] + (b - 1) * t])  # every row packed
+    max_len = int((row[1:] - row[:-1]).max())
+    out = fn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len, causal=True,
+             window_size=window_size)  # (B * T, H, D)
+    return out.unflatten(0, (b, t)).transpose(1, 2)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
-    """q: (B, H, Tq, D); k, v: (B, H, Tk, D), Tk = q_offset + Tq. Returns (B, H, Tq, D)."""
-    flash = _flash_attn_func() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
-    if flash is not None and q_offset == 0:
-        _log_choice("flash-attn")
-        # flash-attn takes (B, T, H, D) and aligns the causal mask bottom-right, as a KV cache needs.
-        out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return out.transpose(1, 2)
-    _log_choice("scaled_dot_product_attention")
-    return causal_attention_ref(q, k, v, q_offset)
+    """q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D), Tk = q_offset + Tq. Returns (B, H, Tq, D)."""
+    return attention(q, k, v, q_offset)
+
+
+def checkpoint_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ck: torch.Tensor,
+    cv: torch.Tensor,
+    n_visible: torch.Tensor,
+) -> torch.Tensor:
+    """Own key plus a visible prefix of summary keys (SCOUT); shapes in reference.checkpoint_attention_ref.
+
+    One path on every device: two matmuls over T x N scores (N summaries, far fewer than T) that cuBLAS
+    runs well; flash-attn has no mask of this shape.
+    """
+    return checkpoint_attention_ref(q, k, v, ck, cv, n_visible)

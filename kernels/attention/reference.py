@@ -1,19 +1,99 @@
-"""Reference causal attention on PyTorch's scaled_dot_product_attention (any device, any dtype)."""
+"""Reference softmax attention on PyTorch's scaled_dot_product_attention, with explicit boolean masks.
+
+Every mask here is causal; the options narrow it further, and combine:
+
+- `window=w`: sliding window, query at position p reads keys at p - w + 1 .. p (Mistral / flash-attn's
+  `window_size=(w - 1, 0)`);
+- `block_size=b`: block-causal, a query reads only keys of its own block of b positions (BST's in-block
+  self-attention, blocks starting at position 0);
+- `cu_seqlens`: packed documents (flash-attn's varlen layout), a query reads only keys of its own document.
+
+Positions: query i sits at absolute position q_offset + i, key j at position j, Tk = q_offset + Tq (a
+cache or a prefix of keys followed by the new ones). A query always reads its own position, so no row of
+a mask is empty and the softmax never sees a row of -inf.
+
+`checkpoint_attention_ref` is the other op: each query reads its own key plus a visible prefix of a shared
+list of summary keys (SCOUT's checkpoints), at cost Tq x N instead of Tq x Tk.
+"""
 
 import torch
 import torch.nn.functional as F
 
 
-def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
-    """Causal attention where query i sits at absolute position q_offset + i and key j at position j.
+def document_ids(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """(length,) index of the document each position belongs to; cu_seqlens (n_docs + 1,) = [0, ..., total]."""
+    pos = torch.arange(length, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
 
-    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tk = q_offset + Tq (a KV cache followed by new keys).
-    Returns (B, H, Tq, D).
-    """
+
+def attention_mask(
+    tq: int,
+    tk: int,
+    q_offset: int = 0,
+    window: int | None = None,
+    block_size: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor:
+    """(Tq, Tk) bool, True where query i (position q_offset + i) may read key j (position j)."""
+    q_pos = torch.arange(q_offset, q_offset + tq, device=device)[:, None]
+    k_pos = torch.arange(tk, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= q_pos - k_pos < window
+    if block_size is not None:
+        mask &= q_pos // block_size == k_pos // block_size
+    if cu_seqlens is not None:
+        doc = document_ids(cu_seqlens.to(device), max(tk, q_offset + tq))
+        mask &= doc[q_pos] == doc[k_pos]
+    return mask
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offset: int = 0,
+    window: int | None = None,
+    block_size: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D), H % H_kv == 0 (grouped-query). Returns (B, H, Tq, D)."""
     tq, tk = q.shape[-2], k.shape[-2]
-    if q_offset == 0 and tq == tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    # SDPA's is_causal aligns the mask top-left; a cache needs it aligned to the absolute positions.
-    q_pos = torch.arange(q_offset, q_offset + tq, device=q.device)[:, None]
-    k_pos = torch.arange(tk, device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos)
+    gqa = q.shape[1] != k.shape[1]
+    if window is None and block_size is None and cu_seqlens is None and q_offset == 0 and tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    # SDPA's is_causal aligns the mask top-left; a cache or a key prefix needs it aligned to positions.
+    mask = attention_mask(tq, tk, q_offset, window, block_size, cu_seqlens, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
+    """Causal attention, query i at position q_offset + i: q (B, H, Tq, D); k, v (B, H_kv, Tk, D)."""
+    return attention_ref(q, k, v, q_offset)
+
+
+def checkpoint_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ck: torch.Tensor,
+    cv: torch.Tensor,
+    n_visible: torch.Tensor,
+) -> torch.Tensor:
+    """Each query reads its own key/value and the first n_visible[i] summary keys/values, in one softmax.
+
+    q: (B, H, T, D); k, v: (B, H_kv, T, D) the queries' own keys and values; ck, cv: (B, H_kv, N, D)
+    the summary keys shared by all queries; n_visible: (T,) int in [0, N]. Returns (B, H, T, D).
+    Cost and memory grow as T x N (the scores are computed against the N summaries only).
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1:  # grouped-query heads share their key/value head
+        k, v, ck, cv = (t.repeat_interleave(group, dim=1) for t in (k, v, ck, cv))
+    scale = q.shape[-1] ** -0.5
+    s_sum = (q @ ck.transpose(-1, -2)) * scale  # (B, H, T, N)
+    hidden = torch.arange(ck.shape[-2], device=q.device)[None, :] >= n_visible.to(q.device)[:, None]  # (T, N)
+    s_sum = s_sum.masked_fill(hidden, float("-inf"))
+    s_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, T, 1)
+    p = torch.softmax(torch.cat([s_sum, s_self], dim=-1).float(), dim=-1).to(q.dtype)
+    return p[..., :-1] @ cv + p[..., -1:] * v

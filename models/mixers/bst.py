@@ -1,0 +1,218 @@
+"""The Block-State Transformer mixer `bst` (letter `B`; Fathi et al., 2023, "Block-State Transformers").
+
+Formulation implemented (per layer, on the normed input x of the block):
+
+1. State-space sublayer. A diagonal SSM of the S4D-Real kind (Gu et al., 2022: per channel,
+   h_t = a * h_{t-1} + b * x_t, y_t = sum_n C_n h_{t,n} + D x_t, a = exp(dt * A), A_n = -exp(A_log_n)
+   starting at -(n + 1), b = (a - 1) / A from zero-order hold, B = 1) runs over the whole sequence. Training
+   runs it as the paper does, one long convolution by FFT (O(T log T), no sequential scan); decoding runs
+   its recurrence. We chose this over our Mamba-2 mixer because it is the paper's sublayer (an
+   input-independent S4-style filter, parallel by FFT), because the multi-filter variant is just more
+   filters per channel, and because its state is one (channels x N) tensor. Real rather than complex
+   (S4D-Lin) so parameters, state and the exported model stay real-valued.
+2. Context states. The sequence is cut into blocks of W tokens; block i reads context states computed
+   from SSM outputs at positions < i * W only, so causality is exact (each SSM output y_t depends on
+   tokens <= t). The three variants of the paper, `bst.context`:
+   - `single_head` (SH): the W SSM outputs of the previous block, (i-1)W .. iW - 1;
+   - `multi_head` (MH): the SSM output at position iW - 1, mapped by one linear layer to S states;
+   - `multi_filter` (MF): S SSM filters per channel (S times the channels); their S outputs at
+     position iW - 1 are the S states.
+   Context states go through a GELU (the S4 block's nonlinearity) and their own key/value projections.
+   Block 0 reads the SSM's output for an all-zero prefix, i.e. zero states (zero keys and values): every
+   block then has the same shape and runs in one batched attention call.
+3. Block transformer. Each token attends, in one softmax, to its block's context states and causally to
+   the earlier tokens of its own block (RoPE at in-block positions; context keys carry no position).
+   That is causal attention with the context states as a key prefix: `attention(q, [ctx; k], [ctx; v],
+   q_offset=S)`, flash-attn on GPU, SDPA on CPU.
+
+Decoding state (bounded): the SSM state, the current block's context keys/values, the keys/values of the
+current block's tokens so far, and (SH only) the SSM outputs of the current block that become the next
+block's context.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kernels.attention import attention
+from models.config import ModelConfig
+from models.mixers.attention import AttentionMixer, KVCache
+from models.mixers.mamba import exclude_from_weight_decay
+
+
+def _ssm_kernel_and_state(x: torch.Tensor, dtA: torch.Tensor, weight: torch.Tensor, b: torch.Tensor):
+    """x (B, C, T) fp32; dtA, weight = C * b, b (C, N) -> kernel (C, T), final state (B, C, N).
+
+    Wrapped in a checkpoint by the caller: the (C, N, T) powers are recomputed in the backward pass rather
+    than kept for it (they would cost more memory than the layer's activations).
+    """
+    powers = torch.exp(dtA[..., None] * torch.arange(x.shape[-1], device=x.device))  # (C, N, T): a^l
+    kernel = torch.einsum("cn,cnt->ct", weight, powers)
+    state = b * torch.einsum("bct,cnt->bcn", x.flip(-1), powers)  # h_T = sum_l a^(T-1-l) b x_l
+    return kernel, state
+
+
+class DiagonalSSM(nn.Module):
+    """S4D-Real SSM with `n_filters` independent filters per input channel: (B, T, D) -> (B, T, D * n_filters).
+
+    Output channel c reads input channel c // n_filters.
+    """
+
+    def __init__(self, d_model: int, n_filters: int, d_state: int, dt_range: tuple[float, float]):
+        super().__init__()
+        self.n_filters, self.dt_range = n_filters, dt_range
+        channels = d_model * n_filters
+        self.log_dt = nn.Parameter(torch.empty(channels))
+        self.A_log = nn.Parameter(torch.empty(channels, d_state))
+        self.C = nn.Parameter(torch.empty(channels, d_state))
+        self.D = nn.Parameter(torch.empty(channels))
+        exclude_from_weight_decay(self, ("log_dt", "A_log", "D"))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """S4D's init: log-uniform dt, A_n = -(n + 1), C ~ N(0, 1), D = 1."""
+        lo, hi = self.dt_range
+        self.log_dt.uniform_(math.log(lo), math.log(hi))
+        self.A_log.copy_(torch.log(torch.arange(1, self.A_log.shape[1] + 1.0)).expand_as(self.A_log))
+        nn.init.normal_(self.C)
+        self.D.fill_(1.0)
+
+    def _discrete(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """dt * A and b = (exp(dt A) - 1) / A, both (C, N) fp32."""
+        A = -torch.exp(self.A_log.float())
+        dtA = torch.exp(self.log_dt.float())[:, None] * A
+        return dtA, torch.expm1(dtA) / A
+
+    def init_state(self, batch_size: int, device=None) -> torch.Tensor:
+        return torch.zeros(batch_size, *self.C.shape, device=device, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> y (B, T, C) in x's dtype, final state (B, C, N) fp32; from a zero state."""
+        t = x.shape[1]
+        u = x.float().transpose(1, 2).repeat_interleave(self.n_filters, dim=1)  # (B, C, T)
+        dtA, b = self._discrete()
+        kernel, state = checkpoint(_ssm_kernel_and_state, u, dtA, self.C.float() * b, b, use_reentrant=False)
+        # Linear (not circular) convolution: zero-pad both to 2T before the FFT.
+        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * t) * torch.fft.rfft(kernel, n=2 * t), n=2 * t)[..., :t]
+        y = y + self.D.float()[:, None] * u
+        return y.transpose(1, 2).to(x.dtype), state
+
+    def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t (B, D) -> y_t (B, C), new state (B, C, N)."""
+        u = x_t.float().repeat_interleave(self.n_filters, dim=1)  # (B, C)
+        dtA, b = self._discrete()
+        state = torch.exp(dtA) * state + b * u[..., None]
+        y = (state * self.C.float()).sum(-1) + self.D.float() * u
+        return y.to(x_t.dtype), state
+
+
+@dataclass
+class BSTState:
+    ssm: torch.Tensor  # (B, C, N) fp32: SSM state after the last token
+    context: KVCache  # (B, H_kv, S, hd): keys/values of the current block's context states
+    block: KVCache  # (B, H_kv, < W, hd): keys/values of the current block's tokens so far (in-block RoPE)
+    next_context: torch.Tensor  # single_head: (B, < W, D) SSM outputs of the current block; else (B, 0, C)
+    seen: int  # tokens consumed so far
+
+
+class BSTMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = cfg.bst
+        self.variant, self.block_size, self.d_model = c.context, c.block_size, cfg.d_model
+        self.n_context = c.block_size if c.context == "single_head" else c.n_context_states
+        n_filters = c.n_context_states if c.context == "multi_filter" else 1
+        self.ssm = DiagonalSSM(cfg.d_model, n_filters, c.d_state, (c.dt_min, c.dt_max))
+        # The block transformer's own projections and RoPE are the attention mixer's.
+        self.attn = AttentionMixer(cfg, layer_idx)
+        kv_dim = self.attn.n_kv_heads * self.attn.head_dim
+        self.ctx_heads = nn.Linear(cfg.d_model, self.n_context * cfg.d_model, bias=False) if (
+            c.context == "multi_head") else None
+        self.ctx_k_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
+        self.ctx_v_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
+
+    def init_weights(self) -> None:
+        self.ssm.init_weights()
+
+    def _context_kv(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context keys/values (N, H_kv, S, hd) from SSM outputs of the preceding block: single_head takes
+        all of them, src (N, W, D); multi_head / multi_filter take its last one, src (N, C)."""
+        if self.variant == "single_head":
+            states = src
+        elif self.variant == "multi_head":
+            states = self.ctx_heads(src).unflatten(-1, (self.n_context, self.d_model))
+        else:  # filter f of channel d is SSM channel d * S + f
+            states = src.unflatten(-1, (self.d_model, self.n_context)).transpose(-1, -2)
+        states = F.gelu(states)  # (N, S, D)
+        shape = (self.attn.n_kv_heads, self.attn.head_dim)
+        k, v = (proj(states).unflatten(-1, shape).transpose(1, 2) for proj in (self.ctx_k_proj, self.ctx_v_proj))
+        return k, v
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> BSTState:
+        empty = torch.zeros(batch_size, self.attn.n_kv_heads, 0, self.attn.head_dim, device=device, dtype=dtype)
+        zeros = torch.zeros(batch_size, self.attn.n_kv_heads, self.n_context, self.attn.head_dim, device=device,
+                            dtype=dtype)  # the context of block 0: zero states give zero keys and values
+        width = self.d_model if self.variant == "single_head" else self.ssm.C.shape[0]
+        return BSTState(self.ssm.init_state(batch_size, device), KVCache(zeros, zeros.clone()),
+                        KVCache(empty, empty.clone()), torch.zeros(batch_size, 0, width, device=device, dtype=dtype),
+                        0)
+
+    def forward(self, x: torch.Tensor, state: BSTState | None = None) -> tuple[torch.Tensor, BSTState]:
+        """x (B, T, D) -> y (B, T, D), state after the last token."""
+        if state is not None:  # continuing a prefill: token by token (prefill from scratch is parallel)
+            ys = []
+            for t in range(x.shape[1]):
+                y_t, state = self.step(x[:, t], state)
+                ys.append(y_t)
+            return torch.stack(ys, dim=1), state
+        b, t, _ = x.shape
+        w, nb = self.block_size, -(-t // self.block_size)
+        u, ssm_state = self.ssm(x)  # (B, T, C)
+
+        def blocks(z: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B * nb, W, ...), zero-padded at the end
+            z = F.pad(z, [0, 0] * (z.dim() - 2) + [0, nb * w - t])
+            return z.unflatten(1, (nb, w)).flatten(0, 1)
+
+        q, k, v = (blocks(z).transpose(1, 2) for z in self.attn.project(x))  # (B * nb, h, W, hd)
+        q, k = self.attn._rope(q, k, 0)  # in-block positions
+        u_blocks = blocks(u).unflatten(0, (b, nb))  # (B, nb, W, C)
+        src = u_blocks if self.variant == "single_head" else u_blocks[:, :, -1]  # (B, nb, W, D) or (B, nb, C)
+        src = torch.cat([torch.zeros_like(src[:, :1]), src[:, :-1]], dim=1)  # block i reads block i - 1
+        ck, cv = self._context_kv(src.flatten(0, 1))  # (B * nb, H_kv, S, hd)
+        y = attention(q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), q_offset=self.n_context)
+        y = y.transpose(1, 2).unflatten(0, (b, nb)).flatten(1, 2)[:, :t]  # (B, T, H, hd)
+
+        # Decoding state: the current block is block t // W, holding r tokens.
+        done, r = divmod(t, w)
+        if self.variant == "single_head":
+            src = u[:, (done - 1) * w:done * w] if done else u.new_zeros(b, w, u.shape[-1])  # (B, W, D)
+            nxt = u[:, done * w:]
+        else:
+            src = u[:, done * w - 1] if done else u.new_zeros(b, u.shape[-1])  # (B, C)
+            nxt = u[:, :0]
+        ctx = self._context_kv(src)
+        kb, vb = (z.unflatten(0, (b, nb))[:, done, :, :r] if r else z[:b, :, :0] for z in (k, v))
+        return self.attn.output(y, x), BSTState(ssm_state, KVCache(*ctx), KVCache(kb, vb), nxt, t)
+
+    def step(self, x_t: torch.Tensor, state: BSTState) -> tuple[torch.Tensor, BSTState]:
+        """x_t (B, D) -> y_t (B, D), state after this token."""
+        u_t, ssm_state = self.ssm.step(x_t, state.ssm)  # (B, C)
+        q, k, v = (z.transpose(1, 2) for z in self.attn.project(x_t[:, None]))  # (B, h, 1, hd)
+        j = state.seen % self.block_size  # position inside the current block
+        q, k = self.attn._rope(q, k, j)
+        k, v = torch.cat([state.block.k, k], dim=2), torch.cat([state.block.v, v], dim=2)
+        keys, values = torch.cat([state.context.k, k], dim=2), torch.cat([state.context.v, v], dim=2)
+        y = attention(q, keys, values, q_offset=keys.shape[2] - 1).transpose(1, 2)  # (B, 1, H, hd)
+        out = self.attn.output(y, x_t[:, None])[:, 0]
+        nxt = torch.cat([state.next_context, u_t[:, None]], dim=1) if self.variant == "single_head" else \
+            state.next_context
+        context, block = state.context, KVCache(k, v)
+        if j == self.block_size - 1:  # block complete: the next one reads its summary
+            context = KVCache(*self._context_kv(nxt if self.variant == "single_head" else u_t))
+            block = KVCache(k[:, :, :0], v[:, :, :0])
+            nxt = nxt[:, :0]
+        return out, BSTState(ssm_state, context, block, nxt, state.seen + 1)

@@ -1,0 +1,89 @@
+"""The SCOUT mixer `scout` (letter `S`; Jafari et al., 2025, "SCOUT: Toward Sub-Quadratic Attention via
+Segment Compression for Optimized Utility in Transformers").
+
+Formulation implemented (per layer, on the normed input x of the block):
+
+1. Local mixing. u = local(x), the local mixer chosen by `scout.local_mixer` (Mamba-2, Mamba or
+   sliding-window attention; each reads its own config section, e.g. `model.mamba2`). u_t depends on
+   tokens <= t only, and summarises the prefix (a recurrent mixer) or the last window (SWA).
+2. Checkpoints. The sequence is cut into segments of S tokens; segment j's compressed checkpoint token
+   is the local mixer's output at its last position, (j + 1) * S - 1, the point where the mixer has read
+   the whole segment. Its key and value are that token's own key and value (one projection for all).
+3. Checkpoint attention. With h = RMSNorm(u), token t attends, in one softmax, to itself and to the
+   checkpoints of the segments before its own (j < t // S, i.e. checkpoint positions < t): RoPE'd
+   queries and keys from the attention mixer's projections. Attention cost and memory grow as
+   T * (T / S + 1), not T^2 (kernels/attention `checkpoint_attention`). Its local context reaches it
+   through u only. Causality is exact: a checkpoint is visible only after its segment has ended.
+4. Output: u + o_proj(attention); the block adds the residual and its FFN around it.
+
+Decoding state: the local mixer's state, the keys/values of the checkpoints so far (growing as T / S by
+design), and the position (which fixes where the current segment ends).
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kernels.attention import checkpoint_attention
+from models.config import ModelConfig
+from models.mixers.attention import AttentionMixer, KVCache
+from models.norms import RMSNorm
+
+
+@dataclass
+class SCOUTState:
+    local: Any  # the local mixer's own state
+    checkpoints: KVCache  # (B, H_kv, completed segments, hd): each segment's checkpoint key and value
+    seen: int  # tokens consumed so far: RoPE position of the next token
+
+
+class SCOUTMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        from models.registry import build_mixer  # the one mixer factory (the registry imports this module)
+
+        self.segment = cfg.scout.segment_size
+        self.local = build_mixer(cfg.scout.local_mixer, cfg, layer_idx)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = AttentionMixer(cfg, layer_idx)  # projections and RoPE of the checkpoint attention
+
+    def init_weights(self) -> None:
+        if hasattr(self.local, "init_weights"):
+            self.local.init_weights()
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> SCOUTState:
+        empty = torch.zeros(batch_size, self.attn.n_kv_heads, 0, self.attn.head_dim, device=device, dtype=dtype)
+        return SCOUTState(self.local.init_state(batch_size, device, dtype), KVCache(empty, empty.clone()), 0)
+
+    def forward(self, x: torch.Tensor, state: SCOUTState | None = None) -> tuple[torch.Tensor, SCOUTState]:
+        """x (B, T, D) -> y (B, T, D), state after the last token."""
+        if state is not None:  # continuing a prefill: token by token (prefill from scratch is parallel)
+            ys = []
+            for t in range(x.shape[1]):
+                y_t, state = self.step(x[:, t], state)
+                ys.append(y_t)
+            return torch.stack(ys, dim=1), state
+        t, s = x.shape[1], self.segment
+        u, local_state = self.local(x)  # (B, T, D)
+        h = self.norm(u)
+        q, k, v = (z.transpose(1, 2) for z in self.attn.project(h))  # (B, h, T, hd)
+        q, k = self.attn._rope(q, k, 0)
+        ck, cv = k[:, :, s - 1::s], v[:, :, s - 1::s]  # (B, H_kv, T // S, hd): completed segments only
+        n_visible = torch.arange(t, device=x.device) // s  # token t reads segments 0 .. t // S - 1
+        y = checkpoint_attention(q, k, v, ck, cv, n_visible).transpose(1, 2)  # (B, T, H, hd)
+        return u + self.attn.output(y, h), SCOUTState(local_state, KVCache(ck, cv), t)
+
+    def step(self, x_t: torch.Tensor, state: SCOUTState) -> tuple[torch.Tensor, SCOUTState]:
+        """x_t (B, D) -> y_t (B, D), state after this token."""
+        u, local_state = self.local.step(x_t, state.local)  # (B, D)
+        h = self.norm(u)[:, None]  # (B, 1, D)
+        q, k, v = (z.transpose(1, 2) for z in self.attn.project(h))  # (B, h, 1, hd)
+        q, k = self.attn._rope(q, k, state.seen)
+        ck, cv = state.checkpoints.k, state.checkpoints.v
+        n_visible = torch.full((1,), ck.shape[2], device=x_t.device)
+        y = checkpoint_attention(q, k, v, ck, cv, n_visible).transpose(1, 2)  # (B, 1, H, hd)
+        if (state.seen + 1) % self.segment == 0:  # this token ends its segment: it becomes a checkpoint
+            ck, cv = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+        return u + self.attn.output(y, h)[:, 0], SCOUTState(local_state, KVCache(ck, cv), state.seen + 1)
