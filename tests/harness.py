@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,3 +56,27 @@ def launch_command(config: Path, overrides: list[str], nproc: int, launcher: str
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_port", port, "--master_addr", "127.0.0.1", *script]
     return [sys.executable, *script]
+
+
+@contextmanager
+def transformers_own_auto_classes(*model_types: str):
+    """Within the block, the Auto classes map `model_types` to transformers' own classes again.
+
+    Importing flash-linear-attention (the HGRN2 / MoM tests do) re-registers transformers' 'mamba' and
+    'mamba2' Auto entries to fla's classes for the rest of the process.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+    saved = []
+    for mapping in (CONFIG_MAPPING, MODEL_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING):
+        extra = mapping._extra_content
+        for key in list(extra):
+            name = key if isinstance(key, str) else getattr(key, "model_type", None)
+            if name in model_types:
+                saved.append((extra, key, extra.pop(key)))
+    try:
+        yield
+    finally:
+        for extra, key, value in saved:
+            extra[key] = value

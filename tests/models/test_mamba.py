@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 import yaml
-from harness import ROOT, TINY
+from harness import ROOT, TINY, transformers_own_auto_classes
 
 from models import CausalLM, ModelConfig, count_parameters
 from models.hf import export_hf, load_hf
@@ -18,6 +18,13 @@ from train.config import load_config
 from train.optimizer import param_groups
 
 transformers.logging.set_verbosity_error()  # the "falling back to PyTorch" notes of every kernel
+
+
+@pytest.fixture(autouse=True)
+def _transformers_own_classes():
+    # Other test modules import flash-linear-attention, which takes over these Auto entries.
+    with transformers_own_auto_classes("mamba"):
+        yield
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

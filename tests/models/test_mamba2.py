@@ -9,7 +9,7 @@ import math
 
 import pytest
 import transformers
-from harness import ROOT
+from harness import ROOT, transformers_own_auto_classes
 from test_mamba import (
     check_export_loads_in_transformers,
     check_forward_prefill_and_steps_agree,
@@ -22,6 +22,13 @@ from test_mamba import (
 
 from models.hf import mamba2 as hf_mamba2
 from models.hf.config_json import load_hf_config
+
+
+@pytest.fixture(autouse=True)
+def _transformers_own_classes():
+    # Other test modules import flash-linear-attention, which takes over these Auto entries.
+    with transformers_own_auto_classes("mamba2"):
+        yield
 
 
 def twin(model):
