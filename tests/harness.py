@@ -34,7 +34,7 @@ class Run:
 
     @property
     def losses(self) -> list[float]:
-        return [r["loss"] for r in self.records]
+        return [r["loss"] for r in self.records if "loss" in r]  # eval records carry no loss
 
     @property
     def output(self) -> str:

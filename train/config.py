@@ -13,6 +13,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from data.config import DataConfig
+from eval.periodic import PeriodicEvalConfig
 from models.config import ModelConfig, Section
 
 
@@ -81,12 +82,19 @@ class RunConfig(Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    eval: PeriodicEvalConfig = Field(default_factory=PeriodicEvalConfig)
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="Passed through to DeepSpeed's config, over what we derive."
     )
 
     @model_validator(mode="after")
     def _sections_agree(self) -> "RunConfig":
+        if self.eval.every and self.data.holdout_fraction == 0:
+            raise ValueError("eval.every > 0 scores held-out documents: set data.holdout_fraction > 0 "
+                             "(and prepare the data again) or eval.every=0")
+        if self.eval.every and self.parallel.sequence_parallel_size > 1:
+            raise ValueError("in-training eval does not run under sequence parallelism yet: set eval.every=0 and "
+                             "evaluate the checkpoints with launch/evaluate.py")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "

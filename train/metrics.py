@@ -70,6 +70,16 @@ class MetricsLogger:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         return record
 
+    def log_eval(self, step: int, metrics: dict) -> dict:
+        """In-training evaluation metrics, as their own record (no throughput: eval time is not training)."""
+        record = {"step": step, **metrics}
+        if self.enabled:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+            if self.wandb_run is not None:
+                self.wandb_run.log(record, step=step)
+        return record
+
     def advance(self) -> None:
         if self.enabled:
             self.bar.update(1)

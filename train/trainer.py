@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from data import TrainBatches, check_vocab_fits
+from eval.periodic import evaluate_during_training
 from models import CausalLM
 from models.lm import LMOutput
 from train import checkpoint, sequence_parallel
@@ -159,6 +160,10 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
                     # Auxiliary losses (MoM's load balancing), included in `loss`; 0 for families without one.
                     "aux_loss": _mean_over_ranks(aux_sum / len(micro_batches), engine.device),
                 }))
+            if cfg.eval.every and state["step"] % cfg.eval.every == 0:
+                # Every rank runs it: identical work keeps ZeRO-3's parameter gathers in step.
+                metrics = evaluate_during_training(engine.module, cfg.eval, cfg.data.shards_dir, cfg.data.seq_len)
+                records.append(logger.log_eval(state["step"], metrics))
             if give_up:
                 raise NonFiniteLossError(
                     f"loss was NaN/inf for {state['nonfinite_in_row']} steps in a row (last at step "

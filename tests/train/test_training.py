@@ -141,3 +141,21 @@ def test_dry_run_of_the_1b_transformer_counts_parameters_without_allocating():
     assert report["dry_run"]["model_states_bytes_per_rank"] > 0
     # 1.1 B fp32 weights would take 4.4 GB; the meta device keeps the whole process far below that.
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 3 * 2**20  # KiB
+
+
+def test_in_training_eval_runs_on_schedule_and_logs_perplexity_by_length(train):
+    run = train(TINY / "transformer.yaml", "schedule.steps=4", "schedule.warmup_steps=1", "eval.every=2",
+                "eval.max_tokens=2048", "logging.every=1", launcher="python")
+    evals = [r for r in run.records if "eval/ppl@128" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert {"eval/ppl@256", "eval/ppl@512"} <= r.keys()
+        assert all(1 < r[k] < 2048 for k in r if k.startswith("eval/ppl@"))  # below the vocabulary size
+    assert len(run.losses) == 4
+
+
+def test_in_training_eval_needs_held_out_documents():
+    from train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.holdout_fraction"):
+        load_config(TINY / "transformer.yaml", ["eval.every=10", "data.holdout_fraction=0"])
