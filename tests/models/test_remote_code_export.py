@@ -24,6 +24,9 @@ MODELS = {"bst": load_config(TINY / "bst.yaml").model, "scout": load_config(TINY
 
 LOAD_AND_RUN = textwrap.dedent("""
     import sys, torch
+    # An editable install (`pip install -e .`, as scripts/setup.sh does) maps this project's packages into
+    # every interpreter through a meta-path finder: drop it, as a user without the project would not have it.
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
     try:
         import models  # noqa: F401
         sys.exit("this project is importable: the test would not prove the folder is self-contained")
