@@ -40,11 +40,16 @@ class ShortConv(nn.Conv1d):
     def __init__(self, channels: int, width: int, bias: bool):
         super().__init__(channels, channels, width, groups=channels, padding=width - 1, bias=bias)
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """x (B, T, C) -> y (B, T, C), state (B, C, W-1)."""
+    def forward(
+        self, x: torch.Tensor, state: torch.Tensor | None = None, channels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """x (B, T, C) -> y (B, T, C), state (B, C, W-1). `channels` (C',): x holds only those channels (a
+        sequence-parallel rank's heads); sliced here, inside forward, where ZeRO-3 has gathered the weight."""
+        weight, bias = self.weight.squeeze(1), self.bias  # (C, W), (C,)
+        if channels is not None:
+            weight, bias = weight[channels], None if bias is None else bias[channels]
         # (B, C, T) view of a (B, T, C) tensor: the channel-last layout causal-conv1d carries states in.
-        weight = self.weight.squeeze(1)  # (C, W)
-        y, state = causal_conv1d(x.transpose(1, 2), weight, self.bias, state, activation="silu")
+        y, state = causal_conv1d(x.transpose(1, 2), weight, bias, state, activation="silu")
         return y.transpose(1, 2), state
 
     def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
