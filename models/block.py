@@ -18,8 +18,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if hidden else None
         self.ffn = SwiGLU(cfg.d_model, hidden) if hidden else None
 
-    def forward(self, x: torch.Tensor, state=None):
-        h, state = self.mixer(self.mixer_norm(x), state)
+    def forward(self, x: torch.Tensor, state=None, doc_ids: torch.Tensor | None = None):
+        # doc_ids (B, T): packed documents; the mixer keeps them apart (models/lm.py DOC_BOUNDARY_MIXERS).
+        extra = {} if doc_ids is None else {"doc_ids": doc_ids}
+        h, state = self.mixer(self.mixer_norm(x), state, **extra)
         x = x + h
         if self.ffn is not None:
             x = x + self.ffn(self.ffn_norm(x))

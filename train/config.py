@@ -92,6 +92,15 @@ class RunConfig(Section):
         if self.eval.every and self.data.holdout_fraction == 0:
             raise ValueError("eval.every > 0 scores held-out documents: set data.holdout_fraction > 0 "
                              "(and prepare the data again) or eval.every=0")
+        if self.data.reset_at_doc_boundary and self.data.mode == "concat":
+            from models.lm import DOC_BOUNDARY_MIXERS
+
+            unsupported = sorted(set(self.model.layer_mixers()) - DOC_BOUNDARY_MIXERS)
+            if unsupported or self.parallel.sequence_parallel_size > 1:
+                raise ValueError(
+                    f"data.reset_at_doc_boundary is kept by {sorted(DOC_BOUNDARY_MIXERS)} layers without sequence "
+                    f"parallelism; not by {unsupported or 'parallel.sequence_parallel_size > 1'}: set it to false"
+                )
         if self.eval.every and self.parallel.sequence_parallel_size > 1:
             raise ValueError("in-training eval does not run under sequence parallelism yet: set eval.every=0 and "
                              "evaluate the checkpoints with launch/evaluate.py")

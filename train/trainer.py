@@ -92,7 +92,8 @@ def forward(engine, micro_batch: dict[str, torch.Tensor], par: Parallel) -> LMOu
     if par.sp_size > 1:
         micro_batch = sequence_parallel.shard_sequence(micro_batch, par.sp_rank, par.sp_size)
     ids, labels = (micro_batch[k].to(engine.device) for k in ("input_ids", "labels"))
-    return engine(ids, labels=labels)
+    doc_ids = micro_batch.get("doc_ids")  # concat baseline with data.reset_at_doc_boundary
+    return engine(ids, labels=labels, doc_ids=None if doc_ids is None else doc_ids.to(engine.device))
 
 
 def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:

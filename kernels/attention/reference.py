@@ -97,3 +97,14 @@ def checkpoint_attention_ref(
     s_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, T, 1)
     p = torch.softmax(torch.cat([s_sum, s_self], dim=-1).float(), dim=-1).to(q.dtype)
     return p[..., :-1] @ cv + p[..., -1:] * v
+
+
+def document_causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor):
+    """Causal attention inside each row's documents: q (B, H, T, D), k, v (B, H_kv, T, D), doc_ids (B, T) ->
+    (B, H, T, D). Unlike cu_seqlens, each row has its own layout (packed batches from the concat baseline)."""
+    t = q.shape[-2]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    mask = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T)
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])

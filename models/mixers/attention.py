@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from kernels.attention import causal_attention
+from kernels.attention.reference import document_causal_attention_ref
 from models.config import ModelConfig
 
 
@@ -82,13 +83,19 @@ class AttentionMixer(nn.Module):
     def output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(y.flatten(2))
 
-    def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+    def forward(
+        self, x: torch.Tensor, state: KVCache | None = None, doc_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
         q, k, v = (t.transpose(1, 2) for t in self.project(x))  # (B, h, T, hd)
         offset = 0 if state is None else state.length
         q, k = self._rope(q, k, offset)
         if state is not None:
             k = torch.cat([state.k.to(k.dtype), k], dim=2)
             v = torch.cat([state.v.to(v.dtype), v], dim=2)
+        if doc_ids is not None:  # packed documents: causal and same document (RoPE is relative, so a
+            # document reads as if it started at position 0)
+            y = document_causal_attention_ref(q, k, v, doc_ids).transpose(1, 2)
+            return self.output(y, x), KVCache(k, v)
         return self.output(self._attend(q, k, v, offset), x), KVCache(k, v)
 
     def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
