@@ -45,14 +45,15 @@ def measured_bytes(seq_len: int, sp: int) -> int:
         mixer(x)[0].sum().backward()
         return 0
     group = SimulatedGroup(sp)
-    originals = sequence_parallel._all_to_all, sequence_parallel.dist.get_world_size
-    sequence_parallel._all_to_all, sequence_parallel.dist.get_world_size = group.all_to_all, lambda g: sp
+    dist = sequence_parallel.dist
+    originals = sequence_parallel._all_to_all, dist.get_world_size, dist.get_rank
+    sequence_parallel._all_to_all, dist.get_world_size, dist.get_rank = group.all_to_all, lambda g: sp, lambda g: 0
     try:
         # apply_sequence_parallel walks model.blocks[i].mixer; here the model is one mixer.
         sequence_parallel.apply_sequence_parallel(SimpleNamespace(blocks=[SimpleNamespace(mixer=mixer)]), group)
         mixer(x)[0].sum().backward()
     finally:
-        sequence_parallel._all_to_all, sequence_parallel.dist.get_world_size = originals
+        sequence_parallel._all_to_all, dist.get_world_size, dist.get_rank = originals
     return group.bytes_sent
 
 

@@ -1,14 +1,16 @@
-"""DeepSpeed-Ulysses sequence parallelism around every head-independent token mixer.
+"""DeepSpeed-Ulysses sequence parallelism around every token mixer.
 
-Each rank of a sequence-parallel (SP) group holds T / sp tokens of every sequence. A mixer that supports
-SP splits its work in three: `project(x)` (token-local: projections to per-head tensors, each
-(B, T, H, ...)), `mix(*heads)` (sequence mixing on whole sequences, independent across heads, including
-any short causal convolution) and `output(y, x)` (token-local again). Around `mix`, one all-to-all turns
-(local tokens, all heads) into (all tokens, local heads) and a second turns the result back, so no
-recurrent state ever crosses a shard.
+Each rank of a sequence-parallel (SP) group holds T / sp tokens of every sequence. Most mixers split their
+work in three: `project(x)` (token-local: projections to per-head tensors, each (B, T, H, ...)),
+`mix(*heads)` (sequence mixing on whole sequences, independent across heads, including any short causal
+convolution) and `output(y, x)` (token-local again). Around `mix`, one all-to-all turns (local tokens, all
+heads) into (all tokens, local heads) and a second turns the result back, so no recurrent state ever
+crosses a shard. A mixer whose split is not that sandwich writes `sp_forward(x, sp)` from the same
+collectives (`SequenceParallel`): Mamba-1 splits channels and sums its partial x_proj, MoM gathers the
+whole sequence for its router, BST gathers its few context states, SCOUT nests its local mixer's split.
 
 The wrapper is applied from outside, as FSDP2's `fully_shard` does: the mixer's class is swapped for a
-subclass whose forward adds the all-to-alls, so parameter names (and so checkpoints) do not change.
+subclass whose forward runs the split, so parameter names (and so checkpoints) do not change.
 """
 
 import torch
@@ -64,21 +66,96 @@ class HeadsToSeq(torch.autograd.Function):
         return _seq_to_heads(grad, ctx.group), None
 
 
-class UlyssesMixer:
-    """Mixin placed before a mixer's class: forward = output(all-to-all(mix(all-to-all(project(x)))))."""
+class AllGather(torch.autograd.Function):
+    """Concatenates every rank's x along `dim`; backward gives each rank the sum of all ranks' gradients
+    for its own piece (a reduce-scatter)."""
 
-    sp_group = None
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, x.contiguous(), group=group)
+        return torch.cat(out, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # A reduce-scatter written as an all-to-all plus a sum: gloo has no reduce_scatter.
+        pieces = torch.stack(grad.chunk(dist.get_world_size(ctx.group), dim=ctx.dim))
+        return _all_to_all(pieces, ctx.group).sum(0), None, None
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum of partial results over the group. Every rank goes on with the sum for its own heads, so the
+    gradient of each partial is the sum of all ranks' gradients: an all-reduce again."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class SequenceParallel:
+    """One SP group and the autograd-aware collectives a mixer may use on it.
+
+    Most mixers offer `project` / `mix` / `output` and `run` puts the two all-to-alls around `mix`. A mixer
+    whose split is not that sandwich (Mamba-1's channels, MoM's routing, BST, SCOUT) writes `sp_forward(x, sp)`
+    with these pieces instead.
+    """
+
+    def __init__(self, group):
+        self.group = group
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def seq_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T/sp, H, ...) -> (B, T, H/sp, ...)."""
+        return SeqToHeads.apply(x, self.group)
+
+    def heads_to_seq(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H/sp, ...) -> (B, T/sp, H, ...)."""
+        return HeadsToSeq.apply(x, self.group)
+
+    def all_gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Every rank's x, concatenated along dim: by default (B, T/sp, ...) -> (B, T, ...), the whole sequence."""
+        return AllGather.apply(x, dim, self.group)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the group of per-rank partial results (e.g. a projection over each rank's channels)."""
+        return AllReduceSum.apply(x, self.group)
+
+    def local(self, n: int) -> slice:
+        """The heads (or channels) of n that `seq_to_heads` leaves on this rank: a contiguous share."""
+        return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+
+    def run(self, mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The mixer's output for this rank's tokens x (B, T/sp, D)."""
+        if hasattr(mixer, "sp_forward"):
+            return mixer.sp_forward(x, self)
+        heads = [self.seq_to_heads(t) for t in mixer.project(x)]
+        return mixer.output(self.heads_to_seq(mixer.mix(*heads)), x)
+
+
+class UlyssesMixer:
+    """Mixin placed before a mixer's class: its forward runs the mixer through `SequenceParallel.run`."""
+
+    sp: SequenceParallel
 
     def forward(self, x: torch.Tensor, state=None):
         if state is not None:
             raise ValueError("sequence parallelism is for training; decode with parallel.sequence_parallel_size=1")
-        heads = [SeqToHeads.apply(t, self.sp_group) for t in self.project(x)]
-        y = HeadsToSeq.apply(self.mix(*heads), self.sp_group)
-        return self.output(y, x), None
+        return self.sp.run(self, x), None
 
 
 def supports_sequence_parallel(mixer: nn.Module) -> bool:
-    return all(hasattr(mixer, name) for name in ("project", "mix", "output", "sp_head_counts"))
+    sandwich = all(hasattr(mixer, name) for name in ("project", "mix", "output"))
+    return hasattr(mixer, "sp_head_counts") and (sandwich or hasattr(mixer, "sp_forward"))
 
 
 def check_sequence_parallel(model: nn.Module, sp: int) -> None:
@@ -98,10 +175,11 @@ def check_sequence_parallel(model: nn.Module, sp: int) -> None:
 
 
 def apply_sequence_parallel(model: nn.Module, group) -> None:
+    sp = SequenceParallel(group)
     for block in model.blocks:
         cls = type(block.mixer)
         block.mixer.__class__ = type(f"Ulysses{cls.__name__}", (UlyssesMixer, cls), {})
-        block.mixer.sp_group = group
+        block.mixer.sp = sp
 
 
 def shard_sequence(batch: dict[str, torch.Tensor], sp_rank: int, sp: int) -> dict[str, torch.Tensor]:

@@ -93,35 +93,25 @@ class Mamba2Mixer(nn.Module):
     def sp_head_counts(self) -> dict[str, int]:
         return {"Mamba-2 heads (expand * d_model / headdim)": self.n_heads, "mamba2.n_groups": self.cfg.n_groups}
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x (B, T, d_model) -> pre-conv x (B, T, H, P), B and C (B, T, G, N), dt (B, T, H), head ids."""
-        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv1d.in_channels, self.n_heads], dim=-1)
-        self._z = z  # the gate of `output`, which runs on the same local tokens
-        xs, B, C = self._scan_args(xbc)
-        # Head ids travel through the all-to-all with the heads, so `mix` knows whose parameters to use.
-        heads = torch.arange(self.n_heads, device=x.device, dtype=torch.float32).expand(dt.shape)
-        return xs, B, C, dt, heads
-
-    def mix(self, xs, B, C, dt, heads) -> torch.Tensor:
-        """Whole sequences of some heads (and their groups) -> y (B, T, h, P)."""
+    def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
+        """This rank's tokens x (B, T/sp, d_model) -> y (B, T/sp, d_model)."""
         m = self.cfg
-        hid = heads[0, 0].long()  # (h,) heads held here, contiguous
-        per_group = self.n_heads // m.n_groups
-        gid = hid[::per_group] // per_group  # (g,) their groups
-        ch = lambda ids, width, base: (base + ids[:, None] * width + torch.arange(width, device=ids.device)).flatten()  # noqa: E731
-        channels = torch.cat([ch(hid, m.headdim, 0), ch(gid, m.d_state, self.d_inner),
-                              ch(gid, m.d_state, self.d_inner + self.bc_dim)])
+        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv1d.in_channels, self.n_heads], dim=-1)
+        # Whole sequences of our heads (B, T, h, P), their groups' B and C (B, T, g, N) and dt (B, T, h).
+        xs, B, C, dt = (sp.seq_to_heads(t) for t in (*self._scan_args(xbc), dt))
+        heads, groups = sp.local(self.n_heads), sp.local(m.n_groups)
+        x_ch, b_ch, c_ch = torch.arange(self.conv1d.in_channels, device=x.device).split(
+            [self.d_inner, self.bc_dim, self.bc_dim])
+        channels = torch.cat([x_ch.view(self.n_heads, -1)[heads].flatten(), b_ch.view(m.n_groups, -1)[groups].flatten(),
+                              c_ch.view(m.n_groups, -1)[groups].flatten()])
         xbc, _ = self.conv1d(torch.cat([xs.flatten(-2), B.flatten(-2), C.flatten(-2)], dim=-1), None, channels)
         xs, B, C = xbc.split([xs[0, 0].numel(), B[0, 0].numel(), C[0, 0].numel()], dim=-1)
         y, _ = ssd(
-            xs.unflatten(-1, (len(hid), m.headdim)), dt, self.A[hid], B.unflatten(-1, (len(gid), m.d_state)),
-            C.unflatten(-1, (len(gid), m.d_state)), m.chunk_size, D=self.D[hid], dt_bias=self.dt_bias[hid],
+            xs.unflatten(-1, (-1, m.headdim)), dt, self.A[heads], B.unflatten(-1, (-1, m.d_state)),
+            C.unflatten(-1, (-1, m.d_state)), m.chunk_size, D=self.D[heads], dt_bias=self.dt_bias[heads],
             dt_softplus=True, dt_limit=m.dt_limit,
         )
-        return y
-
-    def output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        z, self._z = self._z, None
+        y = sp.heads_to_seq(y)  # (B, T/sp, H, P)
         return self.out_proj(self.norm(y.flatten(-2), z))
 
     def forward(self, x: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
