@@ -9,7 +9,8 @@ Also owns what Mamba-2 (models/mixers/mamba2.py) shares with it: the state conta
 convolution with its state, the dt initialisation and the no-weight-decay marks.
 
 In `forward` every parameter is read inside the forward of the module that owns it (hence ShortConv and
-DtProj): ZeRO-3 gathers a module's parameters only around that module's own forward.
+DtProj), where ZeRO-3 gathers it ahead of time; a parameter read elsewhere (the sequence-parallel slices)
+is gathered by DeepSpeed on first access.
 """
 
 import math
@@ -145,6 +146,29 @@ class MambaMixer(nn.Module):
             initial_state=None if state is None else state.ssm,
         )
         return self.out_proj(y.transpose(1, 2)), SSMState(conv_state, ssm_state)
+
+    # Sequence parallelism (train/sequence_parallel.py). Mamba-1 has no heads: the d_inner channels are split
+    # over the SP ranks instead. The convolution and the scan are per channel, but x_proj reads every
+    # channel to make the (dt, B, C) all channels share, so each rank projects its own channels and the
+    # partial results are summed over the group (an all-reduce of B x T x (dt_rank + 2 d_state) numbers).
+    def sp_head_counts(self) -> dict[str, int]:
+        return {"Mamba d_inner channels (expand * d_model)": self.d_inner}
+
+    def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
+        """This rank's tokens x (B, T/sp, d_model) -> y (B, T/sp, d_model)."""
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T/sp, d_inner) each
+        u = sp.seq_to_heads(u[..., None])[..., 0]  # (B, T, d_inner/sp): whole sequences of our channels
+        ch = sp.local(self.d_inner)
+        u, _ = self.conv1d(u, None, ch)
+        partial = F.linear(u, self.x_proj.weight[:, ch])
+        dt, B, C = sp.all_reduce(partial).split([self.dt_rank, self.cfg.d_state, self.cfg.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight[ch])
+        y, _ = selective_scan(
+            u.transpose(1, 2), dt.transpose(1, 2), self.A[ch], B.transpose(1, 2), C.transpose(1, 2),
+            D=self.D[ch].float(), delta_bias=self.dt_proj.bias[ch].float(), delta_softplus=True,
+        )
+        y = sp.heads_to_seq(y.transpose(1, 2)[..., None])[..., 0]  # (B, T/sp, d_inner)
+        return self.out_proj(y * F.silu(z))  # the gate is token-local: applied after the way back
 
     def step(self, x_t: torch.Tensor, state: SSMState) -> tuple[torch.Tensor, SSMState]:
         """x_t (B, d_model) -> y_t (B, d_model), state after this token."""
