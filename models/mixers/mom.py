@@ -113,15 +113,16 @@ class MoMMixer(nn.Module):
             dt = dt.clamp_min(1e-4)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
-    def init_state(self, batch_size: int, device=None, dtype=None) -> MoMState:
-        m, w = self.num_memories, self.conv_size - 1
-        c = 2 * self.key_dim + self.value_dim
+    def init_state(self, batch_size: int, device=None, dtype=None, n_heads: int | None = None) -> MoMState:
+        """The empty state of every head, or of `n_heads` of them (a sequence-parallel rank's share)."""
+        h, m, w = n_heads or self.n_heads, self.num_memories, self.conv_size - 1
+        c = h * (2 * self.head_k_dim + self.head_v_dim)
         zeros = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
         return MoMState(
-            memories=zeros(batch_size, m, self.n_heads, self.head_k_dim, self.head_v_dim),
+            memories=zeros(batch_size, m, h, self.head_k_dim, self.head_v_dim),
             conv=zeros(batch_size, m, c, w, dt=dtype or torch.float32),
             counts=zeros(batch_size, m, dt=torch.long),
-            shared=zeros(batch_size, self.n_heads, self.head_k_dim, self.head_v_dim) if self.shared_memory else None,
+            shared=zeros(batch_size, h, self.head_k_dim, self.head_v_dim) if self.shared_memory else None,
             shared_conv=zeros(batch_size, c, w, dt=dtype or torch.float32) if self.shared_memory else None,
         )
 
@@ -129,11 +130,18 @@ class MoMMixer(nn.Module):
     # pieces shared by the routed memories and the shared memory
     # ------------------------------------------------------------------------------------------------
 
-    def _conv(self, qkv: torch.Tensor, conv_state: torch.Tensor, lengths: torch.Tensor | None):
+    def _rows(self, heads: slice) -> tuple[slice, slice, slice]:
+        """Rows of the q/k, v and a projections (and convolutions) that belong to the heads `heads`."""
+        hk = slice(heads.start * self.head_k_dim, heads.stop * self.head_k_dim)
+        hv = slice(heads.start * self.head_v_dim, heads.stop * self.head_v_dim)
+        return hk, hv, heads if self.backend == "gated_delta_rule" else hk  # a: a decay per head, or per key
+
+    def _conv(self, qkv: torch.Tensor, conv_state: torch.Tensor, lengths: torch.Tensor | None, heads: slice):
         """Causal depthwise conv + silu over (N, T, C) inputs continuing from conv_state (N, C, W-1).
         Returns the outputs and the new conv state: the last W-1 inputs before position `lengths`
         (per row; None = T), so rows padded at the end keep the state of their real tokens."""
-        weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])  # (C, 1, W)
+        hk, hv, _ = self._rows(heads)
+        weight = torch.cat([self.q_conv1d.weight[hk], self.k_conv1d.weight[hk], self.v_conv1d.weight[hv]])
         x = torch.cat([conv_state.to(qkv.dtype), qkv.transpose(1, 2)], dim=2)  # (N, C, W-1+T)
         y = F.silu(F.conv1d(x, weight.to(x.dtype), groups=x.shape[1])).transpose(1, 2)  # (N, T, C)
         w = self.conv_size - 1
@@ -144,12 +152,12 @@ class MoMMixer(nn.Module):
             new_state = x.gather(2, idx[:, None, :].expand(-1, x.shape[1], -1))
         return y, new_state
 
-    def _gates(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None):
+    def _gates(self, a: torch.Tensor, b: torch.Tensor | None, heads: slice):
         """Log decay g and write strength beta from the raw a, b projections (heads split)."""
         if self.backend == "gated_delta_rule":
-            g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # (..., H)
+            g = -self.A_log[heads].float().exp() * F.softplus(a.float() + self.dt_bias[heads].float())  # (..., h)
             return g, b.float().sigmoid()
-        return F.logsigmoid(a.float()).unflatten(-1, (self.n_heads, self.head_k_dim)) / 16, None
+        return F.logsigmoid(a.float()).unflatten(-1, (-1, self.head_k_dim)) / 16, None
 
     def _recurrence(self, q, k, v, g, beta, state):
         """(N, T, H, dk) q, k; (N, T, H, dv) v; state (N, H, dk, dv) -> o (N, T, H, dv), state."""
@@ -165,9 +173,11 @@ class MoMMixer(nn.Module):
         return chunk_gla(q, k, v, g, initial_state=state, chunk_size=self.chunk_size)
 
     def _split_qkv(self, y: torch.Tensor):
-        q, k, v = y.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        return (q.unflatten(-1, (self.n_heads, self.head_k_dim)), k.unflatten(-1, (self.n_heads, self.head_k_dim)),
-                v.unflatten(-1, (self.n_heads, self.head_v_dim)))
+        """Convolved q|k|v (..., C) -> q, k (..., h, dk), v (..., h, dv)."""
+        n_heads = y.shape[-1] // (2 * self.head_k_dim + self.head_v_dim)
+        q, k, v = y.split([n_heads * self.head_k_dim, n_heads * self.head_k_dim, n_heads * self.head_v_dim], dim=-1)
+        return (q.unflatten(-1, (n_heads, self.head_k_dim)), k.unflatten(-1, (n_heads, self.head_k_dim)),
+                v.unflatten(-1, (n_heads, self.head_v_dim)))
 
     # ------------------------------------------------------------------------------------------------
     # forward / step
@@ -185,9 +195,33 @@ class MoMMixer(nn.Module):
         return routed, full, counts + routed.sum(1), logits
 
     def forward(self, x: torch.Tensor, state: MoMState | None = None) -> tuple[torch.Tensor, MoMState]:
+        state = self.init_state(x.shape[0], x.device, x.dtype) if state is None else state
+        out, new_state = self._memories(x, state, slice(0, self.n_heads))
+        return self._out(out, x), new_state
+
+    # Sequence parallelism (train/sequence_parallel.py). A memory reads the tokens routed to it from anywhere
+    # in the sequence, so each rank gathers the whole sequence x and runs every memory for its share of the
+    # heads (convolutions, gates and recurrences are per head; the router is replicated, so every rank
+    # routes, and computes the load-balancing loss, over all tokens). Gathering x moves B x T x D numbers
+    # per rank; the all-to-all of per-memory projections would move about 3 x num_memories times more.
+    # One all-to-all brings the heads' outputs back to the local tokens.
+    def sp_head_counts(self) -> dict[str, int]:
+        return {"model.n_heads": self.n_heads}
+
+    def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
+        """This rank's tokens x (B, T/sp, D) -> y (B, T/sp, D)."""
+        heads = sp.local(self.n_heads)
+        state = self.init_state(x.shape[0], x.device, x.dtype, n_heads=heads.stop - heads.start)
+        out, _ = self._memories(sp.all_gather(x), state, heads)  # (B, T, h, dv)
+        return self._out(sp.heads_to_seq(out), x)
+
+    def _memories(self, x: torch.Tensor, state: MoMState, heads: slice) -> tuple[torch.Tensor, MoMState]:
+        """Route every token of x (B, T, D), run each memory (and the shared one) over its tokens for the
+        heads `heads` (all of them without sequence parallelism; `state` holds just those) and sum the
+        outputs by routing weight: (B, T, h, dv), new state. Sets `self.aux_loss`."""
         B, T, _ = x.shape
         M = self.num_memories
-        state = self.init_state(B, x.device, x.dtype) if state is None else state
+        hk, hv, ha = self._rows(heads)
         routed, weights, counts, logits = self._route(x, state.counts)
         self.aux_loss = self.aux_loss_scale * load_balancing_loss(logits.flatten(0, 1), self.top_k)
 
@@ -200,47 +234,50 @@ class MoMMixer(nn.Module):
         xs = x[None].expand(M, -1, -1, -1).gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
 
         # Per-memory projections (stacked weights), then the convolutions over each subsequence.
-        stack = lambda mods: torch.stack([mod.weight for mod in mods])  # noqa: E731
-        qkv = torch.cat([self.q_proj(xs), torch.einsum("mbtd,mkd->mbtk", xs, stack(self.k_proj)),
-                         torch.einsum("mbtd,mkd->mbtk", xs, stack(self.v_proj))], dim=-1)  # (M, B, Tm, C)
+        proj = lambda mods, rows: torch.einsum(  # noqa: E731
+            "mbtd,mkd->mbtk", xs, torch.stack([mod.weight[rows] for mod in mods]))
+        qkv = torch.cat([F.linear(xs, self.q_proj.weight[hk]), proj(self.k_proj, hk), proj(self.v_proj, hv)],
+                        dim=-1)  # (M, B, Tm, C)
         conv_state = state.conv.transpose(0, 1).flatten(0, 1)  # (M*B, C, W-1)
-        y, conv_new = self._conv(qkv.flatten(0, 1), conv_state, lengths.flatten())
-        q, k, v = self._split_qkv(y)  # (M*B, Tm, H, d)
-        a = torch.einsum("mbtd,mkd->mbtk", xs, stack(self.a_proj)).flatten(0, 1)
-        b = torch.einsum("mbtd,mkd->mbtk", xs, stack(self.b_proj)).flatten(0, 1) if hasattr(self, "b_proj") else None
-        g, beta = self._gates(xs, a, b)
+        y, conv_new = self._conv(qkv.flatten(0, 1), conv_state, lengths.flatten(), heads)
+        q, k, v = self._split_qkv(y)  # (M*B, Tm, h, d)
+        b = proj(self.b_proj, heads).flatten(0, 1) if hasattr(self, "b_proj") else None
+        g, beta = self._gates(proj(self.a_proj, ha).flatten(0, 1), b, heads)
         # Padding after a memory's last token must not touch its state: no decay, no write.
         keep = valid.flatten(0, 1)[:, :, None]  # (M*B, Tm, 1)
         g = torch.where(keep if g.dim() == 3 else keep[..., None], g, 0.0)
         k = torch.where(keep[..., None], k, 0.0)
         beta = None if beta is None else torch.where(keep, beta, 0.0)
-        mem_state = state.memories.transpose(0, 1).flatten(0, 1)  # (M*B, H, dk, dv)
-        o, mem_new = self._recurrence(q, k, v, g, beta, mem_state)  # (M*B, Tm, H, dv)
+        mem_state = state.memories.transpose(0, 1).flatten(0, 1)  # (M*B, h, dk, dv)
+        o, mem_new = self._recurrence(q, k, v, g, beta, mem_state)  # (M*B, Tm, h, dv)
 
         # Back to token order: out[b, t] = sum over memories e that took t of weight[b, t, e] * o_e.
-        o = o.unflatten(0, (M, B)).flatten(-2)  # (M, B, Tm, H*dv)
+        o = o.unflatten(0, (M, B)).flatten(-2)  # (M, B, Tm, h*dv)
         w = weights.permute(2, 0, 1).gather(2, idx) * valid  # (M, B, Tm)
         flat = (torch.arange(B, device=x.device)[None, :, None] * T + idx)[valid]
-        out = torch.zeros(B * T, self.value_dim, dtype=o.dtype, device=x.device)
-        out = out.index_add(0, flat, (o * w[..., None].to(o.dtype))[valid]).view(B, T, self.n_heads, -1)
+        out = torch.zeros(B * T, o.shape[-1], dtype=o.dtype, device=x.device)
+        out = out.index_add(0, flat, (o * w[..., None].to(o.dtype))[valid]).view(B, T, -1, self.head_v_dim)
 
         shared, shared_conv = state.shared, state.shared_conv
         if self.shared_memory:
-            o_shared, shared, shared_conv = self._shared(x, state)
+            o_shared, shared, shared_conv = self._shared(x, state, heads)
             out = out + o_shared
         new_state = MoMState(
             memories=mem_new.unflatten(0, (M, B)).transpose(0, 1),
             conv=conv_new.unflatten(0, (M, B)).transpose(0, 1),
             counts=counts, shared=shared, shared_conv=shared_conv,
         )
-        return self._out(out, x), new_state
+        return out, new_state
 
-    def _shared(self, x: torch.Tensor, state: MoMState):
-        """The memory every token goes through: (B, T, H, dv) outputs, its state and conv state."""
-        qkv = torch.cat([self.q_proj(x), self.shared_k(x), self.shared_v(x)], dim=-1)
-        y, conv_new = self._conv(qkv, state.shared_conv, None)
+    def _shared(self, x: torch.Tensor, state: MoMState, heads: slice):
+        """The memory every token goes through: (B, T, h, dv) outputs, its state and conv state."""
+        hk, hv, ha = self._rows(heads)
+        qkv = torch.cat([F.linear(x, self.q_proj.weight[hk]), F.linear(x, self.shared_k.weight[hk]),
+                         F.linear(x, self.shared_v.weight[hv])], dim=-1)
+        y, conv_new = self._conv(qkv, state.shared_conv, None, heads)
         q, k, v = self._split_qkv(y)
-        g, beta = self._gates(x, self.shared_a(x), self.shared_b(x) if hasattr(self, "shared_b") else None)
+        b = F.linear(x, self.shared_b.weight[heads]) if hasattr(self, "shared_b") else None
+        g, beta = self._gates(F.linear(x, self.shared_a.weight[ha]), b, heads)
         o, shared = self._recurrence(q, k, v, g, beta, state.shared)
         return o, shared, conv_new
 
