@@ -90,15 +90,18 @@ class DiagonalSSM(nn.Module):
     def init_state(self, batch_size: int, device=None) -> torch.Tensor:
         return torch.zeros(batch_size, *self.C.shape, device=device, dtype=torch.float32)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> y (B, T, C) in x's dtype, final state (B, C, N) fp32; from a zero state."""
+    def forward(self, x: torch.Tensor, channels: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> y (B, T, C) in x's dtype, final state (B, C, N) fp32; from a zero state.
+        `channels`: x holds only those input channels (a sequence-parallel rank's share); y holds theirs."""
         t = x.shape[1]
         u = x.float().transpose(1, 2).repeat_interleave(self.n_filters, dim=1)  # (B, C, T)
-        dtA, b = self._discrete()
-        kernel, state = checkpoint(_ssm_kernel_and_state, u, dtA, self.C.float() * b, b, use_reentrant=False)
+        out = slice(None) if channels == slice(None) else slice(channels.start * self.n_filters,
+                                                                channels.stop * self.n_filters)
+        dtA, b = (z[out] for z in self._discrete())
+        kernel, state = checkpoint(_ssm_kernel_and_state, u, dtA, self.C[out].float() * b, b, use_reentrant=False)
         # Linear (not circular) convolution: zero-pad both to 2T before the FFT.
         y = torch.fft.irfft(torch.fft.rfft(u, n=2 * t) * torch.fft.rfft(kernel, n=2 * t), n=2 * t)[..., :t]
-        y = y + self.D.float()[:, None] * u
+        y = y + self.D[out].float()[:, None] * u
         return y.transpose(1, 2).to(x.dtype), state
 
     def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +111,13 @@ class DiagonalSSM(nn.Module):
         state = torch.exp(dtA) * state + b * u[..., None]
         y = (state * self.C.float()).sum(-1) + self.D.float() * u
         return y.to(x_t.dtype), state
+
+
+def _blocks(z: torch.Tensor, w: int) -> torch.Tensor:
+    """(B, T, ...) -> (B * nb, W, ...): blocks of w tokens, the last zero-padded."""
+    nb = -(-z.shape[1] // w)
+    z = F.pad(z, [0, 0] * (z.dim() - 2) + [0, nb * w - z.shape[1]])
+    return z.unflatten(1, (nb, w)).flatten(0, 1)
 
 
 @dataclass
@@ -172,19 +182,8 @@ class BSTMixer(nn.Module):
         b, t, _ = x.shape
         w, nb = self.block_size, -(-t // self.block_size)
         u, ssm_state = self.ssm(x)  # (B, T, C)
-
-        def blocks(z: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B * nb, W, ...), zero-padded at the end
-            z = F.pad(z, [0, 0] * (z.dim() - 2) + [0, nb * w - t])
-            return z.unflatten(1, (nb, w)).flatten(0, 1)
-
-        q, k, v = (blocks(z).transpose(1, 2) for z in self.attn.project(x))  # (B * nb, h, W, hd)
-        q, k = self.attn._rope(q, k, 0)  # in-block positions
-        u_blocks = blocks(u).unflatten(0, (b, nb))  # (B, nb, W, C)
-        src = u_blocks if self.variant == "single_head" else u_blocks[:, :, -1]  # (B, nb, W, D) or (B, nb, C)
-        src = torch.cat([torch.zeros_like(src[:, :1]), src[:, :-1]], dim=1)  # block i reads block i - 1
-        ck, cv = self._context_kv(src.flatten(0, 1))  # (B * nb, H_kv, S, hd)
-        y = attention(q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), q_offset=self.n_context)
-        y = y.transpose(1, 2).unflatten(0, (b, nb)).flatten(1, 2)[:, :t]  # (B, T, H, hd)
+        ck, cv = self._context_kv(self._context_sources(u).flatten(0, 1))  # (B * nb, H_kv, S, hd)
+        y, (k, v) = self._block_attention(*self.attn.project(x), ck, cv)
 
         # Decoding state: the current block is block t // W, holding r tokens.
         done, r = divmod(t, w)
@@ -197,6 +196,38 @@ class BSTMixer(nn.Module):
         ctx = self._context_kv(src)
         kb, vb = (z.unflatten(0, (b, nb))[:, done, :, :r] if r else z[:b, :, :0] for z in (k, v))
         return self.attn.output(y, x), BSTState(ssm_state, KVCache(*ctx), KVCache(kb, vb), nxt, t)
+
+    def _context_sources(self, u: torch.Tensor) -> torch.Tensor:
+        """SSM outputs u (B, T, C) -> what each block's context states are made of, read from the block
+        before it (zeros for block 0): its W outputs (B, nb, W, C) for single_head, else its last (B, nb, C)."""
+        u_blocks = _blocks(u, self.block_size).unflatten(0, (u.shape[0], -1))  # (B, nb, W, C)
+        src = u_blocks if self.variant == "single_head" else u_blocks[:, :, -1]
+        return torch.cat([torch.zeros_like(src[:, :1]), src[:, :-1]], dim=1)
+
+    def _block_attention(self, q, k, v, ck, cv):
+        """q (B, T, h, hd), k and v (B, T, h_kv, hd), context keys/values (B * nb, h_kv, S, hd) -> y (B, T, h, hd)
+        and the RoPE'd keys/values by block (B * nb, h_kv, W, hd)."""
+        b, t = q.shape[:2]
+        q, k, v = (_blocks(z, self.block_size).transpose(1, 2) for z in (q, k, v))  # (B * nb, h, W, hd)
+        q, k = self.attn._rope(q, k, 0)  # in-block positions
+        y = attention(q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), q_offset=self.n_context)
+        return y.transpose(1, 2).unflatten(0, (b, -1)).flatten(1, 2)[:, :t], (k, v)  # (B, T, h, hd)
+
+    # Sequence parallelism (train/sequence_parallel.py). The block attention is independent across heads and
+    # the SSM across channels, so both run on whole sequences of this rank's share (heads, and d_model / sp
+    # SSM input channels with their filters). Context states mix channels, but there are only S per block:
+    # each rank gathers the SSM outputs they are made of from every rank and keeps its heads' keys/values.
+    def sp_head_counts(self) -> dict[str, int]:
+        return {**self.attn.sp_head_counts(), "model.d_model (BST's SSM channels)": self.d_model}
+
+    def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
+        """This rank's tokens x (B, T/sp, D) -> y (B, T/sp, D)."""
+        q, k, v = (sp.seq_to_heads(z) for z in self.attn.project(x))  # (B, T, h, hd)
+        u, _ = self.ssm(sp.seq_to_heads(x[..., None])[..., 0], sp.local(self.d_model))  # (B, T, C / sp)
+        src = sp.all_gather(self._context_sources(u), dim=-1)  # every channel
+        ck, cv = (z[:, sp.local(self.attn.n_kv_heads)] for z in self._context_kv(src.flatten(0, 1)))
+        y, _ = self._block_attention(q, k, v, ck, cv)
+        return self.attn.output(sp.heads_to_seq(y), x)
 
     def step(self, x_t: torch.Tensor, state: BSTState) -> tuple[torch.Tensor, BSTState]:
         """x_t (B, D) -> y_t (B, D), state after this token."""

@@ -65,15 +65,32 @@ class SCOUTMixer(nn.Module):
                 y_t, state = self.step(x[:, t], state)
                 ys.append(y_t)
             return torch.stack(ys, dim=1), state
-        t, s = x.shape[1], self.segment
         u, local_state = self.local(x)  # (B, T, D)
         h = self.norm(u)
-        q, k, v = (z.transpose(1, 2) for z in self.attn.project(h))  # (B, h, T, hd)
+        y, checkpoints = self._attend_checkpoints(*self.attn.project(h))
+        return u + self.attn.output(y, h), SCOUTState(local_state, checkpoints, x.shape[1])
+
+    def _attend_checkpoints(self, q, k, v) -> tuple[torch.Tensor, KVCache]:
+        """q (B, T, h, hd), k and v (B, T, h_kv, hd) of whole sequences -> y (B, T, h, hd), the checkpoints."""
+        t, s = q.shape[1], self.segment
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, h, T, hd)
         q, k = self.attn._rope(q, k, 0)
-        ck, cv = k[:, :, s - 1::s], v[:, :, s - 1::s]  # (B, H_kv, T // S, hd): completed segments only
-        n_visible = torch.arange(t, device=x.device) // s  # token t reads segments 0 .. t // S - 1
-        y = checkpoint_attention(q, k, v, ck, cv, n_visible).transpose(1, 2)  # (B, T, H, hd)
-        return u + self.attn.output(y, h), SCOUTState(local_state, KVCache(ck, cv), t)
+        ck, cv = k[:, :, s - 1::s], v[:, :, s - 1::s]  # (B, h_kv, T // S, hd): completed segments only
+        n_visible = torch.arange(t, device=q.device) // s  # token t reads segments 0 .. t // S - 1
+        return checkpoint_attention(q, k, v, ck, cv, n_visible).transpose(1, 2), KVCache(ck, cv)
+
+    # Sequence parallelism (train/sequence_parallel.py): two splits in a row. The local mixer runs its own
+    # (heads or channels); the checkpoint attention is independent across heads, so it is a plain Ulysses
+    # split around it, on the normed local output.
+    def sp_head_counts(self) -> dict[str, int]:
+        return {**self.local.sp_head_counts(), **self.attn.sp_head_counts()}
+
+    def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
+        """This rank's tokens x (B, T/sp, D) -> y (B, T/sp, D)."""
+        u = sp.run(self.local, x)
+        h = self.norm(u)
+        y, _ = self._attend_checkpoints(*(sp.seq_to_heads(z) for z in self.attn.project(h)))
+        return u + self.attn.output(sp.heads_to_seq(y), h)
 
     def step(self, x_t: torch.Tensor, state: SCOUTState) -> tuple[torch.Tensor, SCOUTState]:
         """x_t (B, D) -> y_t (B, D), state after this token."""
