@@ -12,9 +12,27 @@ from train.config import ConfigError, load_config
 
 pytestmark = pytest.mark.slow
 
-# Each family adds its tiny config here once its mixer offers project / mix / output (with the overrides
-# that make its head counts divide by 2).
-FAMILIES = {"transformer": [], "xlstm": [], "hgrn2": [], "mamba2": ["model.mamba2.n_groups=2"]}
+# Every family's tiny config, with the overrides that make its head counts divide by 2. A family that lands
+# later adds its case here.
+FAMILIES = {
+    "transformer": [], "xlstm": [], "hgrn2": [], "mamba": [], "mamba2": ["model.mamba2.n_groups=2"], "mom": [],
+    "bst": [], "scout": ["model.mamba2.n_groups=2"],
+}
+# Variants whose split differs from the family default's, checked under ZeRO-2 only (the ZeRO stage does not
+# interact with the split): (config, overrides).
+VARIANTS = {
+    "mom-gla-capacity": ("mom", ["model.mom.backend=gla", "model.mom.capacity_factor=0.3",
+                                 "model.mom.shared_memory=false"]),
+    "bst-single_head": ("bst", ["model.bst.context=single_head"]),
+    "bst-multi_head": ("bst", ["model.bst.context=multi_head"]),
+    "scout-mamba": ("scout", ["model.scout.local_mixer=mamba"]),
+    "scout-sliding_window": ("scout", ["model.scout.local_mixer=sliding_window"]),
+}
+CASES = [(f, stage, f, o) for stage in (2, 3) for f, o in FAMILIES.items()] + [
+    (name, 2, f, o) for name, (f, o) in VARIANTS.items()]
+# ZeRO-3 keeps parameters below this many elements whole on every rank (DeepSpeed's default is 1e5, more than
+# any tiny model's): 0 makes it partition every parameter, so the test sees real gathers.
+PARTITION_ALL = "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"
 
 
 def reference(cfg) -> tuple[float, dict[str, torch.Tensor]]:
@@ -40,12 +58,13 @@ def run_sp(config, tmp_path, *overrides) -> dict:
     return torch.load(out, weights_only=True)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_sp2_matches_the_unsplit_model(family, zero_stage, tmp_path):
+@pytest.mark.parametrize(("case", "zero_stage", "family", "overrides"), CASES,
+                         ids=[f"{case}-zero{stage}" for case, stage, *_ in CASES])
+def test_sp2_matches_the_unsplit_model(case, zero_stage, family, overrides, tmp_path):
     config = TINY / f"{family}.yaml"
-    result = run_sp(config, tmp_path, f"parallel.zero_stage={zero_stage}", *FAMILIES[family])
-    loss, grads = reference(load_config(config, ["parallel.precision=fp32", *FAMILIES[family]]))
+    zero = [f"parallel.zero_stage={zero_stage}"] + ([PARTITION_ALL] if zero_stage == 3 else [])
+    result = run_sp(config, tmp_path, *zero, *overrides)
+    loss, grads = reference(load_config(config, ["parallel.precision=fp32", *overrides]))
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
     assert result["grads"].keys() == grads.keys()
     for name, grad in grads.items():
@@ -65,6 +84,14 @@ def test_sp_with_too_few_heads_or_short_sequences_stops_before_any_process_group
 
 def test_sp2_trains_with_zero_2_and_3(train, tmp_path):
     for stage in (2, 3):
-        run = train(TINY / "transformer.yaml", "parallel.sequence_parallel_size=2", f"parallel.zero_stage={stage}",
+        run = train(TINY / "xlstm.yaml", "parallel.sequence_parallel_size=2", f"parallel.zero_stage={stage}",
                     "schedule.steps=40", run_dir=tmp_path / f"zero{stage}")
         assert run.losses[-1] < run.losses[0] - 0.5, run.losses
+
+
+def test_ulysses_comm_bench_measures_the_analytic_volume():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ulysses_comm
+
+    for seq_len, sp in [(256, 2), (512, 4)]:
+        assert ulysses_comm.measured_bytes(seq_len, sp) == ulysses_comm.analytic_bytes(seq_len, sp) > 0
