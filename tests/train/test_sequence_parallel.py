@@ -27,6 +27,8 @@ VARIANTS = {
     "bst-multi_head": ("bst", ["model.bst.context=multi_head"]),
     "scout-mamba": ("scout", ["model.scout.local_mixer=mamba"]),
     "scout-sliding_window": ("scout", ["model.scout.local_mixer=sliding_window"]),
+    "hybrid-every-mixer": ("hybrid", ["model.pattern=AXMmHRWBS", "model.n_layers=9", "model.mamba2.n_groups=2",
+                                       "model.hgrn2.expand_ratio=16"]),
 }
 CASES = [(f, stage, f, o) for stage in (2, 3) for f, o in FAMILIES.items()] + [
     (name, 2, f, o) for name, (f, o) in VARIANTS.items()]
@@ -44,7 +46,8 @@ def reference(cfg) -> tuple[float, dict[str, torch.Tensor]]:
     batch = fixed_batch(cfg.model.vocab_size)
     loss = model(batch["input_ids"], labels=batch["labels"]).loss
     loss.backward()
-    return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+    # An unused parameter (the first HGRN2 layer's lower bound) has no gradient here and zeros under DeepSpeed.
+    return loss.item(), {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()}
 
 
 def run_sp(config, tmp_path, *overrides) -> dict:
