@@ -14,6 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
+# ZeRO-3 keeps parameters below stage3_param_persistence_threshold elements (DeepSpeed's default 1e5, more
+# than any tiny model's) whole on every rank: 0 makes it partition every parameter, so tests see real gathers.
+ZERO3_PARTITION_ALL = "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"
 
 
 def free_port() -> int:

@@ -90,13 +90,12 @@ class DiagonalSSM(nn.Module):
     def init_state(self, batch_size: int, device=None) -> torch.Tensor:
         return torch.zeros(batch_size, *self.C.shape, device=device, dtype=torch.float32)
 
-    def forward(self, x: torch.Tensor, channels: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, channels: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> y (B, T, C) in x's dtype, final state (B, C, N) fp32; from a zero state.
         `channels`: x holds only those input channels (a sequence-parallel rank's share); y holds theirs."""
-        t = x.shape[1]
-        u = x.float().transpose(1, 2).repeat_interleave(self.n_filters, dim=1)  # (B, C, T)
-        out = slice(None) if channels == slice(None) else slice(channels.start * self.n_filters,
-                                                                channels.stop * self.n_filters)
+        t, nf = x.shape[1], self.n_filters
+        u = x.float().transpose(1, 2).repeat_interleave(nf, dim=1)  # (B, C, T)
+        out = slice(None) if channels is None else slice(channels.start * nf, channels.stop * nf)
         dtA, b = (z[out] for z in self._discrete())
         kernel, state = checkpoint(_ssm_kernel_and_state, u, dtA, self.C[out].float() * b, b, use_reentrant=False)
         # Linear (not circular) convolution: zero-pad both to 2T before the FFT.

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from harness import ROOT, TINY, free_port, job_env
+from harness import ROOT, TINY, ZERO3_PARTITION_ALL, free_port, job_env
 
 from models import CausalLM
 from train.config import ConfigError, load_config
@@ -32,9 +32,6 @@ VARIANTS = {
 }
 CASES = [(f, stage, f, o) for stage in (2, 3) for f, o in FAMILIES.items()] + [
     (name, 2, f, o) for name, (f, o) in VARIANTS.items()]
-# ZeRO-3 keeps parameters below this many elements whole on every rank (DeepSpeed's default is 1e5, more than
-# any tiny model's): 0 makes it partition every parameter, so the test sees real gathers.
-PARTITION_ALL = "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"
 
 
 def reference(cfg) -> tuple[float, dict[str, torch.Tensor]]:
@@ -65,7 +62,7 @@ def run_sp(config, tmp_path, *overrides) -> dict:
                          ids=[f"{case}-zero{stage}" for case, stage, *_ in CASES])
 def test_sp2_matches_the_unsplit_model(case, zero_stage, family, overrides, tmp_path):
     config = TINY / f"{family}.yaml"
-    zero = [f"parallel.zero_stage={zero_stage}"] + ([PARTITION_ALL] if zero_stage == 3 else [])
+    zero = [f"parallel.zero_stage={zero_stage}"] + ([ZERO3_PARTITION_ALL] if zero_stage == 3 else [])
     result = run_sp(config, tmp_path, *zero, *overrides)
     loss, grads = reference(load_config(config, ["parallel.precision=fp32", *overrides]))
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
