@@ -1,5 +1,6 @@
 """DeepSpeed-Ulysses: SP=2 on 2 gloo ranks gives the loss and gradients of the unsplit model, per family."""
 
+import shutil
 import subprocess
 import sys
 
@@ -95,3 +96,18 @@ def test_ulysses_comm_bench_measures_the_analytic_volume():
 
     for seq_len, sp in [(256, 2), (512, 4)]:
         assert ulysses_comm.measured_bytes(seq_len, sp) == ulysses_comm.analytic_bytes(seq_len, sp) > 0
+
+
+def test_sp2_zero3_run_resumes_from_its_last_checkpoint_exactly(train, tmp_path):
+    # Mamba-1: the split with an extra collective (the all-reduce of x_proj), every parameter partitioned.
+    overrides = ["parallel.sequence_parallel_size=2", "parallel.zero_stage=3", ZERO3_PARTITION_ALL,
+                 "parallel.precision=fp32", "schedule.steps=6", "schedule.warmup_steps=2", "checkpoint.every=3",
+                 "logging.every=1"]
+    full = train(TINY / "mamba.yaml", *overrides)
+    expected = {r["step"]: r["loss"] for r in full.records if "loss" in r}
+    shutil.rmtree(full.run_dir / "checkpoints" / "step_00000006")  # as if killed before the last save
+    resumed = train(TINY / "mamba.yaml", *overrides, run_dir=full.run_dir, extra=["--resume", "auto"])
+    assert "step_00000003" in resumed.output
+    after = [r for r in resumed.records if "loss" in r][len(expected):]  # the resumed run's own lines
+    assert [r["step"] for r in after] == [4, 5, 6]
+    assert [r["loss"] for r in after] == pytest.approx([expected[s] for s in (4, 5, 6)], rel=1e-6)
