@@ -2,8 +2,8 @@
 
     python bench/ulysses_comm.py
 
-For sequence length T and SP size in {1, 2, 4}, one attention mixer wrapped by train/sequence_parallel.py runs
-forward and backward on one rank's T / SP tokens. The all-to-all is simulated in this one process (same
+For sequence length T and SP size in {1, 2, 4}, one attention mixer wrapped by train/sequence_parallel.py (which
+hands it to DeepSpeed's DistributedAttention) runs forward and backward on one rank's T / SP tokens. The all-to-all is simulated in this one process (same
 shapes, data kept in place) and every call records the bytes that leave the rank: (SP - 1) / SP of its
 input. Analytic (DeepSpeed-Ulysses): per layer, q, k, v and the output go through one all-to-all each in
 the forward, and their gradients once each in the backward, so a rank sends
@@ -14,10 +14,12 @@ that stays constant up to the (SP - 1) / SP factor, which is the point of Ulysse
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from deepspeed.sequence import layer as ds_layer  # noqa: E402
 
 from models import ModelConfig  # noqa: E402
 from models.mixers.attention import AttentionMixer  # noqa: E402
@@ -28,14 +30,21 @@ BATCH = 1
 
 
 class SimulatedGroup:
-    """Stands in for a process group of `size` ranks: all-to-all keeps the data, counts the bytes sent."""
+    """Stands in for torch.distributed / deepspeed.comm on a group of `size` ranks, seen from rank 0:
+    all-to-all keeps the data in place and counts the bytes that leave the rank."""
 
     def __init__(self, size: int):
         self.size, self.bytes_sent = size, 0
 
-    def all_to_all(self, x: torch.Tensor, group) -> torch.Tensor:
-        self.bytes_sent += x.numel() * x.element_size() * (self.size - 1) // self.size
-        return x.contiguous()
+    def get_world_size(self, group=None) -> int:
+        return self.size
+
+    def get_rank(self, group=None) -> int:
+        return 0
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, group=None, async_op=False) -> None:
+        self.bytes_sent += input.numel() * input.element_size() * (self.size - 1) // self.size
+        output.copy_(input)
 
 
 def measured_bytes(seq_len: int, sp: int) -> int:
@@ -45,15 +54,11 @@ def measured_bytes(seq_len: int, sp: int) -> int:
         mixer(x)[0].sum().backward()
         return 0
     group = SimulatedGroup(sp)
-    dist = sequence_parallel.dist
-    originals = sequence_parallel._all_to_all, dist.get_world_size, dist.get_rank
-    sequence_parallel._all_to_all, dist.get_world_size, dist.get_rank = group.all_to_all, lambda g: sp, lambda g: 0
-    try:
+    # Our wrapper's collectives and those of DeepSpeed's DistributedAttention, which the attention mixer uses.
+    with mock.patch.object(sequence_parallel, "dist", group), mock.patch.object(ds_layer, "dist", group):
         # apply_sequence_parallel walks model.blocks[i].mixer; here the model is one mixer.
         sequence_parallel.apply_sequence_parallel(SimpleNamespace(blocks=[SimpleNamespace(mixer=mixer)]), group)
         mixer(x)[0].sum().backward()
-    finally:
-        sequence_parallel._all_to_all, dist.get_world_size, dist.get_rank = originals
     return group.bytes_sent
 
 

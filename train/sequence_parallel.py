@@ -106,8 +106,9 @@ class SequenceParallel:
     """One SP group and the autograd-aware collectives a mixer may use on it.
 
     Most mixers offer `project` / `mix` / `output` and `run` puts the two all-to-alls around `mix`. A mixer
-    whose split is not that sandwich (Mamba-1's channels, MoM's routing, BST, SCOUT) writes `sp_forward(x, sp)`
-    with these pieces instead.
+    whose split is not that sandwich writes `sp_forward(x, sp)` with these pieces instead: attention hands its
+    q, k, v to DeepSpeed's DistributedAttention (the layer carries exactly those three), Mamba-1 splits
+    channels, MoM gathers the sequence for its router, BST gathers its context states, SCOUT nests a split.
     """
 
     def __init__(self, group):
@@ -129,6 +130,13 @@ class SequenceParallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the group of per-rank partial results (e.g. a projection over each rank's channels)."""
         return AllReduceSum.apply(x, self.group)
+
+    def attention(self, local_attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """DeepSpeed-Ulysses' own layer, DistributedAttention, around local_attention(q, k, v) of whole
+        sequences: q (B, T/sp, H, hd), k and v (B, T/sp, H_kv, hd) -> (B, T/sp, H, hd)."""
+        from deepspeed.sequence.layer import DistributedAttention
+
+        return DistributedAttention(local_attention, self.group, scatter_idx=2, gather_idx=1)(q, k, v, batch_dim_idx=0)
 
     def local(self, n: int) -> slice:
         """The heads (or channels) of n that `seq_to_heads` leaves on this rank: a contiguous share."""

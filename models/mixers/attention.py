@@ -83,6 +83,11 @@ class AttentionMixer(nn.Module):
     def output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(y.flatten(2))
 
+    def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
+        """Sequence parallelism (train/sequence_parallel.py): DeepSpeed's DistributedAttention runs `mix`
+        between its all-to-alls. This rank's tokens x (B, T/sp, D) -> (B, T/sp, D)."""
+        return self.output(sp.attention(self.mix, *self.project(x)), x)
+
     def forward(
         self, x: torch.Tensor, state: KVCache | None = None, doc_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, KVCache]:

@@ -202,9 +202,11 @@ class MoMMixer(nn.Module):
     # Sequence parallelism (train/sequence_parallel.py). A memory reads the tokens routed to it from anywhere
     # in the sequence, so each rank gathers the whole sequence x and runs every memory for its share of the
     # heads (convolutions, gates and recurrences are per head; the router is replicated, so every rank
-    # routes, and computes the load-balancing loss, over all tokens). Gathering x moves B x T x D numbers
-    # per rank; the all-to-all of per-memory projections would move about 3 x num_memories times more.
-    # One all-to-all brings the heads' outputs back to the local tokens.
+    # routes, and computes the load-balancing loss, over all tokens). One all-to-all brings the heads'
+    # outputs back to the local tokens. Why not the usual all-to-all of projections: a rank receives
+    # (sp-1)/sp * T * D numbers of x per sequence, but (sp-1)/sp * T/sp * W of projections, W = q plus k, v
+    # and gates of every memory (5.5 D in configs/mom_1.3b.yaml: more than the gather for any SP size up to
+    # its 4 heads), and every rank would project every token for every memory, not just its top_k.
     def sp_head_counts(self) -> dict[str, int]:
         return {"model.n_heads": self.n_heads}
 
