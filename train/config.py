@@ -101,9 +101,6 @@ class RunConfig(Section):
                     f"data.reset_at_doc_boundary is kept by {sorted(DOC_BOUNDARY_MIXERS)} layers without sequence "
                     f"parallelism; not by {unsupported or 'parallel.sequence_parallel_size > 1'}: set it to false"
                 )
-        if self.eval.every and self.parallel.sequence_parallel_size > 1:
-            raise ValueError("in-training eval does not run under sequence parallelism yet: set eval.every=0 and "
-                             "evaluate the checkpoints with launch/evaluate.py")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "

@@ -13,6 +13,8 @@ The wrapper is applied from outside, as FSDP2's `fully_shard` does: the mixer's 
 subclass whose forward runs the split, so parameter names (and so checkpoints) do not change.
 """
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -188,6 +190,19 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
         cls = type(block.mixer)
         block.mixer.__class__ = type(f"Ulysses{cls.__name__}", (UlyssesMixer, cls), {})
         block.mixer.sp = sp
+
+
+@contextmanager
+def unsplit(model: nn.Module):
+    """The model's own mixers for the duration: every rank runs whole sequences (in-training eval)."""
+    wrapped = [(b.mixer, type(b.mixer)) for b in model.blocks if isinstance(b.mixer, UlyssesMixer)]
+    for mixer, cls in wrapped:
+        mixer.__class__ = cls.__bases__[1]  # (UlyssesMixer, the mixer's class)
+    try:
+        yield model
+    finally:
+        for mixer, cls in wrapped:
+            mixer.__class__ = cls
 
 
 def shard_sequence(batch: dict[str, torch.Tensor], sp_rank: int, sp: int) -> dict[str, torch.Tensor]:

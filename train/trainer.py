@@ -162,8 +162,10 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
                     "aux_loss": _mean_over_ranks(aux_sum / len(micro_batches), engine.device),
                 }))
             if cfg.eval.every and state["step"] % cfg.eval.every == 0:
-                # Every rank runs it: identical work keeps ZeRO-3's parameter gathers in step.
-                metrics = evaluate_during_training(engine.module, cfg.eval, cfg.data.shards_dir, cfg.data.seq_len)
+                # Every rank runs it on whole sequences (unsplit under SP): identical work keeps ZeRO-3's
+                # parameter gathers in step.
+                with sequence_parallel.unsplit(engine.module) as model:
+                    metrics = evaluate_during_training(model, cfg.eval, cfg.data.shards_dir, cfg.data.seq_len)
                 records.append(logger.log_eval(state["step"], metrics))
             if give_up:
                 raise NonFiniteLossError(

@@ -1,5 +1,6 @@
 """DeepSpeed-Ulysses: SP=2 on 2 gloo ranks gives the loss and gradients of the unsplit model, per family."""
 
+import math
 import shutil
 import subprocess
 import sys
@@ -111,3 +112,13 @@ def test_sp2_zero3_run_resumes_from_its_last_checkpoint_exactly(train, tmp_path)
     after = [r for r in resumed.records if "loss" in r][len(expected):]  # the resumed run's own lines
     assert [r["step"] for r in after] == [4, 5, 6]
     assert [r["loss"] for r in after] == pytest.approx([expected[s] for s in (4, 5, 6)], rel=1e-6)
+
+
+def test_in_training_eval_under_sp2_runs_on_whole_sequences(train):
+    run = train(TINY / "xlstm.yaml", "parallel.sequence_parallel_size=2", "schedule.steps=6",
+                "schedule.warmup_steps=1", "eval.every=6", "eval.max_tokens=1024", "logging.every=1")
+    (record,) = [r for r in run.records if "eval/ppl@128" in r]
+    assert record["step"] == 6 and {"eval/ppl@256", "eval/ppl@512"} <= record.keys()
+    # Held-out perplexity at the training length is near the training loss's, and below the vocabulary size.
+    assert record["eval/ppl@128"] < 2048
+    assert abs(math.log(record["eval/ppl@128"]) - run.losses[-1]) < 0.5, (record, run.losses)
