@@ -2,8 +2,8 @@
 
     python bench/ulysses_comm.py
 
-For sequence length T and SP size in {1, 2, 4}, one attention mixer wrapped by train/sequence_parallel.py (which
-hands it to DeepSpeed's DistributedAttention) runs forward and backward on one rank's T / SP tokens. The all-to-all is simulated in this one process (same
+For sequence length T and SP size in {1, 2, 4}, one attention mixer wrapped by train/sequence_parallel.py
+(which hands it to DeepSpeed's DistributedAttention) runs forward and backward on one rank's T / SP tokens. The all-to-all is simulated in this one process (same
 shapes, data kept in place) and every call records the bytes that leave the rank: (SP - 1) / SP of its
 input. Analytic (DeepSpeed-Ulysses): per layer, q, k, v and the output go through one all-to-all each in
 the forward, and their gradients once each in the backward, so a rank sends

@@ -1,13 +1,15 @@
 """DeepSpeed-Ulysses sequence parallelism around every token mixer.
 
-Each rank of a sequence-parallel (SP) group holds T / sp tokens of every sequence. Most mixers split their
-work in three: `project(x)` (token-local: projections to per-head tensors, each (B, T, H, ...)),
+Each rank of a sequence-parallel (SP) group holds T / sp tokens of every sequence. The Ulysses split of a
+mixer has three parts: `project(x)` (token-local: projections to per-head tensors, each (B, T, H, ...)),
 `mix(*heads)` (sequence mixing on whole sequences, independent across heads, including any short causal
 convolution) and `output(y, x)` (token-local again). Around `mix`, one all-to-all turns (local tokens, all
 heads) into (all tokens, local heads) and a second turns the result back, so no recurrent state ever
-crosses a shard. A mixer whose split is not that sandwich writes `sp_forward(x, sp)` from the same
-collectives (`SequenceParallel`): Mamba-1 splits channels and sums its partial x_proj, MoM gathers the
-whole sequence for its router, BST gathers its few context states, SCOUT nests its local mixer's split.
+crosses a shard. mLSTM and HGRN2 offer exactly these three methods. The other mixers write
+`sp_forward(x, sp)` from the collectives of `SequenceParallel`: attention hands q, k, v to DeepSpeed's
+DistributedAttention, Mamba-2 sends its B/C groups with its heads, Mamba-1 splits channels and sums its
+partial x_proj, MoM gathers the whole sequence for its router, BST gathers the SSM outputs its context
+states are made of, SCOUT nests its local mixer's split.
 
 The wrapper is applied from outside, as FSDP2's `fully_shard` does: the mixer's class is swapped for a
 subclass whose forward runs the split, so parameter names (and so checkpoints) do not change.
@@ -75,8 +77,9 @@ class AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
+        x = x.contiguous()  # before empty_like, which would copy a permuted layout's strides
         out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(out, x.contiguous(), group=group)
+        dist.all_gather(out, x, group=group)
         return torch.cat(out, dim=dim)
 
     @staticmethod
@@ -87,8 +90,8 @@ class AllGather(torch.autograd.Function):
 
 
 class AllReduceSum(torch.autograd.Function):
-    """Sum of partial results over the group. Every rank goes on with the sum for its own heads, so the
-    gradient of each partial is the sum of all ranks' gradients: an all-reduce again."""
+    """Sum of partial results over the group. Every rank goes on with the sum for its own heads or channels,
+    so the gradient of each partial is the sum of all ranks' gradients: an all-reduce again."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -107,10 +110,8 @@ class AllReduceSum(torch.autograd.Function):
 class SequenceParallel:
     """One SP group and the autograd-aware collectives a mixer may use on it.
 
-    Most mixers offer `project` / `mix` / `output` and `run` puts the two all-to-alls around `mix`. A mixer
-    whose split is not that sandwich writes `sp_forward(x, sp)` with these pieces instead: attention hands its
-    q, k, v to DeepSpeed's DistributedAttention (the layer carries exactly those three), Mamba-1 splits
-    channels, MoM gathers the sequence for its router, BST gathers its context states, SCOUT nests a split.
+    `run` puts the two all-to-alls around a mixer's `mix`, or calls its `sp_forward(x, sp)`, which builds its
+    split from the pieces here (see the module docstring).
     """
 
     def __init__(self, group):
@@ -138,6 +139,7 @@ class SequenceParallel:
         sequences: q (B, T/sp, H, hd), k and v (B, T/sp, H_kv, hd) -> (B, T/sp, H, hd)."""
         from deepspeed.sequence.layer import DistributedAttention
 
+        # Built per call: the layer holds no parameters or buffers, only the group and the split dims.
         return DistributedAttention(local_attention, self.group, scatter_idx=2, gather_idx=1)(q, k, v, batch_dim_idx=0)
 
     def local(self, n: int) -> slice:

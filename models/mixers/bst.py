@@ -147,9 +147,9 @@ class BSTMixer(nn.Module):
     def init_weights(self) -> None:
         self.ssm.init_weights()
 
-    def _context_kv(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context keys/values (N, H_kv, S, hd) from SSM outputs of the preceding block: single_head takes
-        all of them, src (N, W, D); multi_head / multi_filter take its last one, src (N, C)."""
+    def _context_kv(self, src: torch.Tensor, kv_heads: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context keys/values (N, h_kv, S, hd) of the KV heads `kv_heads` from SSM outputs of the preceding
+        block: single_head takes all of them, src (N, W, D); multi_head / multi_filter its last one, src (N, C)."""
         if self.variant == "single_head":
             states = src
         elif self.variant == "multi_head":
@@ -157,8 +157,10 @@ class BSTMixer(nn.Module):
         else:  # filter f of channel d is SSM channel d * S + f
             states = src.unflatten(-1, (self.d_model, self.n_context)).transpose(-1, -2)
         states = F.gelu(states)  # (N, S, D)
-        shape = (self.attn.n_kv_heads, self.attn.head_dim)
-        k, v = (proj(states).unflatten(-1, shape).transpose(1, 2) for proj in (self.ctx_k_proj, self.ctx_v_proj))
+        hd = self.attn.head_dim
+        rows = slice(None) if kv_heads == slice(None) else slice(kv_heads.start * hd, kv_heads.stop * hd)
+        k, v = (F.linear(states, proj.weight[rows]).unflatten(-1, (-1, hd)).transpose(1, 2)
+                for proj in (self.ctx_k_proj, self.ctx_v_proj))
         return k, v
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> BSTState:
@@ -214,17 +216,18 @@ class BSTMixer(nn.Module):
 
     # Sequence parallelism (train/sequence_parallel.py). The block attention is independent across heads and
     # the SSM across channels, so both run on whole sequences of this rank's share (heads, and d_model / sp
-    # SSM input channels with their filters). Context states mix channels, but there are only S per block:
-    # each rank gathers the SSM outputs they are made of from every rank and keeps its heads' keys/values.
+    # SSM input channels with their filters: x goes through an all-to-all too). Context states mix channels:
+    # each rank gathers, over channels, the SSM outputs they are made of (one per block for multi_head and
+    # multi_filter, all of them for single_head) and projects its own heads' context keys/values.
     def sp_head_counts(self) -> dict[str, int]:
         return {**self.attn.sp_head_counts(), "model.d_model (BST's SSM channels)": self.d_model}
 
     def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
         """This rank's tokens x (B, T/sp, D) -> y (B, T/sp, D)."""
         q, k, v = (sp.seq_to_heads(z) for z in self.attn.project(x))  # (B, T, h, hd)
-        u, _ = self.ssm(sp.seq_to_heads(x[..., None])[..., 0], sp.local(self.d_model))  # (B, T, C / sp)
+        u, _ = self.ssm(sp.seq_to_heads(x), sp.local(self.d_model))  # (B, T, C / sp)
         src = sp.all_gather(self._context_sources(u), dim=-1)  # every channel
-        ck, cv = (z[:, sp.local(self.attn.n_kv_heads)] for z in self._context_kv(src.flatten(0, 1)))
+        ck, cv = self._context_kv(src.flatten(0, 1), sp.local(self.attn.n_kv_heads))
         y, _ = self._block_attention(q, k, v, ck, cv)
         return self.attn.output(sp.heads_to_seq(y), x)
 

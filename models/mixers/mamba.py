@@ -9,8 +9,9 @@ Also owns what Mamba-2 (models/mixers/mamba2.py) shares with it: the state conta
 convolution with its state, the dt initialisation and the no-weight-decay marks.
 
 In `forward` every parameter is read inside the forward of the module that owns it (hence ShortConv and
-DtProj), where ZeRO-3 gathers it ahead of time; a parameter read elsewhere (the sequence-parallel slices)
-is gathered by DeepSpeed on first access.
+DtProj), where ZeRO-3 gathers it ahead of time. The sequence-parallel path slices some of them in the
+mixer's own forward: inside the DeepSpeed engine's forward, ZeRO-3 gathers such a parameter on first access
+and registers it as an external parameter of the running module (tested with every parameter partitioned).
 """
 
 import math
@@ -42,10 +43,11 @@ class ShortConv(nn.Conv1d):
         super().__init__(channels, channels, width, groups=channels, padding=width - 1, bias=bias)
 
     def forward(
-        self, x: torch.Tensor, state: torch.Tensor | None = None, channels: torch.Tensor | None = None
+        self, x: torch.Tensor, state: torch.Tensor | None = None, channels: torch.Tensor | slice | None = None
     ) -> tuple[torch.Tensor, ...]:
-        """x (B, T, C) -> y (B, T, C), state (B, C, W-1). `channels` (C',): x holds only those channels (a
-        sequence-parallel rank's heads); sliced here, inside forward, where ZeRO-3 has gathered the weight."""
+        """x (B, T, C) -> y (B, T, C), state (B, C, W-1). `channels` (indices or a slice): x holds only those
+        channels (a sequence-parallel rank's share); sliced here, inside forward, where ZeRO-3 has gathered
+        the weight."""
         weight, bias = self.weight.squeeze(1), self.bias  # (C, W), (C,)
         if channels is not None:
             weight, bias = weight[channels], None if bias is None else bias[channels]
@@ -157,18 +159,20 @@ class MambaMixer(nn.Module):
     def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
         """This rank's tokens x (B, T/sp, d_model) -> y (B, T/sp, d_model)."""
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T/sp, d_inner) each
-        u = sp.seq_to_heads(u[..., None])[..., 0]  # (B, T, d_inner/sp): whole sequences of our channels
+        u = sp.seq_to_heads(u)  # (B, T, d_inner/sp): whole sequences of our channels
         ch = sp.local(self.d_inner)
         u, _ = self.conv1d(u, None, ch)
-        partial = F.linear(u, self.x_proj.weight[:, ch])
-        dt, B, C = sp.all_reduce(partial).split([self.dt_rank, self.cfg.d_state, self.cfg.d_state], dim=-1)
+        # Summed in fp32, so bf16 rounds once, after the sum, as the unsplit projection does.
+        partial = F.linear(u.float(), self.x_proj.weight[:, ch].float())
+        dt, B, C = sp.all_reduce(partial).to(u.dtype).split([self.dt_rank, self.cfg.d_state, self.cfg.d_state], -1)
         dt = F.linear(dt, self.dt_proj.weight[ch])
         y, _ = selective_scan(
-            u.transpose(1, 2), dt.transpose(1, 2), self.A[ch], B.transpose(1, 2), C.transpose(1, 2),
-            D=self.D[ch].float(), delta_bias=self.dt_proj.bias[ch].float(), delta_softplus=True,
+            u.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log[ch].float()), B.transpose(1, 2),
+            C.transpose(1, 2), D=self.D[ch].float(), delta_bias=self.dt_proj.bias[ch].float(), delta_softplus=True,
         )
-        y = sp.heads_to_seq(y.transpose(1, 2)[..., None])[..., 0]  # (B, T/sp, d_inner)
-        return self.out_proj(y * F.silu(z))  # the gate is token-local: applied after the way back
+        y = sp.heads_to_seq(y.transpose(1, 2))  # (B, T/sp, d_inner)
+        # The gate is token-local, so it is applied after the way back (in fp32, as the scan applies it).
+        return self.out_proj((y.float() * F.silu(z.float())).to(y.dtype))
 
     def step(self, x_t: torch.Tensor, state: SSMState) -> tuple[torch.Tensor, SSMState]:
         """x_t (B, d_model) -> y_t (B, d_model), state after this token."""

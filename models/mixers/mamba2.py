@@ -104,8 +104,9 @@ class Mamba2Mixer(nn.Module):
             [self.d_inner, self.bc_dim, self.bc_dim])
         channels = torch.cat([x_ch.view(self.n_heads, -1)[heads].flatten(), b_ch.view(m.n_groups, -1)[groups].flatten(),
                               c_ch.view(m.n_groups, -1)[groups].flatten()])
-        xbc, _ = self.conv1d(torch.cat([xs.flatten(-2), B.flatten(-2), C.flatten(-2)], dim=-1), None, channels)
-        xs, B, C = xbc.split([xs[0, 0].numel(), B[0, 0].numel(), C[0, 0].numel()], dim=-1)
+        xs, B, C = (t.flatten(-2) for t in (xs, B, C))
+        xbc, _ = self.conv1d(torch.cat([xs, B, C], dim=-1), None, channels)
+        xs, B, C = xbc.split([xs.shape[-1], B.shape[-1], C.shape[-1]], dim=-1)
         y, _ = ssd(
             xs.unflatten(-1, (-1, m.headdim)), dt, self.A[heads], B.unflatten(-1, (-1, m.d_state)),
             C.unflatten(-1, (-1, m.d_state)), m.chunk_size, D=self.D[heads], dt_bias=self.dt_bias[heads],
