@@ -3,6 +3,7 @@
 Single-device code: data and sequence parallelism are applied from outside (train/).
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,9 @@ class LMOutput:
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init: bool = True):
+        """init=False leaves the initialisation to a later `reset_parameters` call (ZeRO-3's zero.Init builds
+        the model already partitioned, and initialises it module by module on gathered parameters)."""
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -41,21 +44,28 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, whole=lambda params: contextlib.nullcontext()) -> None:
+        """`whole(params)`: a context in which those parameters are whole tensors (DeepSpeed's
+        GatheredParameters for a partitioned model); entered for one module at a time."""
         for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, std=self.cfg.init_std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+            if not isinstance(module, nn.Linear | nn.Embedding | RMSNorm):
+                continue
+            with whole(list(module.parameters(recurse=False))):
+                if isinstance(module, nn.Linear | nn.Embedding):
+                    nn.init.normal_(module.weight, std=self.cfg.init_std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                if isinstance(module, RMSNorm):
+                    nn.init.ones_(module.weight)
         # Families with special initialisation (gate biases, SSM decay rates) override the generic one.
         for block in self.blocks:
             if hasattr(block.mixer, "init_weights"):
-                block.mixer.init_weights()
+                with whole(list(block.mixer.parameters())):
+                    block.mixer.init_weights()
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.norm(x))

@@ -13,7 +13,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or id(p) in embeddings or getattr(p, "_no_weight_decay", False)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # built under ZeRO-3's zero.Init, p itself is flat
+        skip = ndim < 2 or id(p) in embeddings or getattr(p, "_no_weight_decay", False)
         (no_decay if skip else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},

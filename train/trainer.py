@@ -75,14 +75,22 @@ def build_engine(cfg: RunConfig, par: Parallel):
     """The model (same init on every rank, SP applied from outside) wrapped in a DeepSpeed engine."""
     import deepspeed
 
+    ds_config = deepspeed_config(cfg, par.dp_size)
     torch.manual_seed(cfg.seed)
-    model = CausalLM(cfg.model)
-    n_params = sum(p.numel() for p in model.parameters())
+    if cfg.parallel.zero_stage == 3:
+        # Each module's parameters are partitioned as soon as it is built (DeepSpeed's zero.Init), so no rank
+        # ever holds the whole model; the initialisation then runs one module at a time on gathered
+        # parameters, drawing from rank 0's generator, so the weights equal the unpartitioned build's.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=par.mpu):
+            model = CausalLM(cfg.model, init=False)
+        model.reset_parameters(whole=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+    else:
+        model = CausalLM(cfg.model)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     if par.sp_size > 1:
         sequence_parallel.apply_sequence_parallel(model, par.sp_group)
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(model, cfg.optim), config=deepspeed_config(cfg, par.dp_size),
-        mpu=par.mpu,
+        model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_config, mpu=par.mpu,
     )
     return engine, n_params
 
