@@ -18,6 +18,7 @@ from models.lm import CausalLM
 
 # Mixer name -> module holding that family's map to its transformers classes.
 FAMILIES: dict[str, str] = {
+    "attention": "models.hf.llama",
     "mlstm": "models.hf.xlstm",
     "mamba": "models.hf.mamba",
     "mamba2": "models.hf.mamba2",

@@ -8,7 +8,7 @@ from harness import TINY
 from models import CausalLM, ModelConfig
 from models.hf.export import export_hf, load_hf
 
-FAMILIES = sorted(p.stem for p in TINY.glob("*.yaml") if p.stem != "transformer")  # no Llama map yet
+FAMILIES = sorted(p.stem for p in TINY.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
