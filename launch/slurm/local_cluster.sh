@@ -16,9 +16,12 @@
 # Why it looks like this (Debian 12, Slurm 22.05): several `slurmd -N name` run on one host, one
 # port each. Each runs in its own UTS namespace (`unshare --uts`) so `hostname` differs per node, and
 # the node names get an /etc/hosts line: torch's rendezvous and `scontrol show hostnames` must be
-# able to tell the nodes apart and resolve them. MinJobAge=2 and cred_expire=10 keep `sbatch --wait`
-# and requeued jobs quick (a requeued job waits cred_expire seconds before it may start again, and
-# sched_interval=2 looks at pending jobs every 2 s instead of 60).
+# able to tell the nodes apart and resolve them. cred_expire=10 keeps requeued jobs quick (a requeued
+# job waits cred_expire seconds before it may start again) and sched_interval=2 looks at pending jobs
+# every 2 s instead of 60. MinJobAge=16: `sbatch --wait` polls every 2 s, then every 8 s (it quadruples
+# its interval while it is below MinJobAge / 2), and a job record purged before its next poll makes it
+# return 0 whatever the exit code ("no longer found and exit code not found"); with MinJobAge=2 that
+# happened under load.
 set -euo pipefail
 
 export PATH=$PATH:/usr/sbin:/sbin  # the daemons live in sbin, not always on a user's PATH
@@ -107,7 +110,7 @@ SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
-MinJobAge=2
+MinJobAge=16
 KillWait=30
 SlurmdTimeout=60
 EOF

@@ -101,7 +101,9 @@ class Cluster:
 
     def wait(self, proc: subprocess.Popen, run_dir: Path, started: float, timeout: float = 240) -> Job:
         try:
-            proc.communicate(timeout=timeout)
+            output, _ = proc.communicate(timeout=timeout)
+            # sbatch --wait exits 0 when the job record is gone before it looks (local_cluster.sh: MinJobAge).
+            assert "exit code not found" not in output, f"sbatch --wait lost the job's exit code:\n{output}"
             # `sbatch --wait` returns once the job counts as ended, which for a cancelled job is before its
             # batch script has finished (state COMPLETING): wait until squeue no longer lists it.
             deadline = time.monotonic() + 60
