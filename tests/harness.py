@@ -83,3 +83,26 @@ def transformers_own_auto_classes(*model_types: str):
     finally:
         for extra, key, value in saved:
             extra[key] = value
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def assert_step_and_prefill_equal_forward(model, ids, split: int) -> None:
+    """Token-by-token `step` from the empty state, and a prefill of ids[:, :split] followed by one step and
+    a continued forward, both give the full forward's logits (within 1e-5)."""
+    import torch
+
+    full = model(ids).logits
+    state, steps = model.init_state(ids.shape[0]), []
+    for t in range(ids.shape[1]):
+        logits, state = model.step(ids[:, t], state)
+        steps.append(logits)
+    assert rel_err(torch.stack(steps, 1), full) < 1e-5
+    first = model(ids[:, :split], return_state=True)
+    logits, state = model.step(ids[:, split], first.state)
+    rest = model(ids[:, split + 1:], state=state)
+    assert rel_err(torch.cat([first.logits, logits[:, None], rest.logits], 1), full) < 1e-5

@@ -18,6 +18,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from harness import assert_step_and_prefill_equal_forward, rel_err  # noqa: E402
 
 from models.config import ModelConfig  # noqa: E402
 from models.lm import CausalLM  # noqa: E402
@@ -28,11 +29,6 @@ TINY = dict(vocab_size=128, d_model=64, n_layers=3, n_heads=4, mixer="hgrn2", ff
 
 # fla's fused Triton norms / swiglu / loss need a GPU (see the module docstring).
 UNFUSED = dict(fuse_norm=False, fuse_swiglu=False, fuse_cross_entropy=False)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def tiny_model(seed: int = 0, **overrides) -> CausalLM:
@@ -47,17 +43,7 @@ def tiny_model(seed: int = 0, **overrides) -> CausalLM:
 
 def test_forward_step_and_prefill_agree():
     model = tiny_model()
-    ids = torch.randint(0, 128, (2, 21))
-    full = model(ids).logits
-    state, steps = model.init_state(2), []
-    for t in range(ids.shape[1]):
-        logits, state = model.step(ids[:, t], state)
-        steps.append(logits)
-    assert rel_err(torch.stack(steps, 1), full) < 1e-5
-    first = model(ids[:, :13], return_state=True)
-    logits, state = model.step(ids[:, 13], first.state)
-    rest = model(ids[:, 14:], state=state)
-    assert rel_err(torch.cat([first.logits, logits[:, None], rest.logits], 1), full) < 1e-5
+    assert_step_and_prefill_equal_forward(model, torch.randint(0, 128, (2, 21)), split=13)
 
 
 def test_lower_bounds_rise_with_depth_and_start_at_zero():

@@ -20,6 +20,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from harness import assert_step_and_prefill_equal_forward, rel_err  # noqa: E402
 
 from models.config import ModelConfig  # noqa: E402
 from models.lm import CausalLM  # noqa: E402
@@ -28,11 +29,6 @@ from models.mixers.mom import MoMMixer, load_balancing_loss  # noqa: E402
 TINY = dict(vocab_size=128, d_model=64, n_layers=2, n_heads=2, mixer="mom", ffn_multiple_of=256, max_seq_len=64,
             mom=dict(head_dim=16, num_memories=4, top_k=2))
 UNFUSED = dict(fuse_norm=False, fuse_swiglu=False, fuse_cross_entropy=False)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def tiny_model(seed: int = 0, **mom) -> CausalLM:
@@ -50,17 +46,7 @@ def tiny_model(seed: int = 0, **mom) -> CausalLM:
                          ids=["gated-delta-rule", "gla", "capacity", "no-shared"])
 def test_forward_step_and_prefill_agree(mom):
     model = tiny_model(**mom)
-    ids = torch.randint(0, 128, (2, 19))
-    full = model(ids).logits
-    state, steps = model.init_state(2), []
-    for t in range(ids.shape[1]):
-        logits, state = model.step(ids[:, t], state)
-        steps.append(logits)
-    assert rel_err(torch.stack(steps, 1), full) < 1e-5
-    first = model(ids[:, :11], return_state=True)
-    logits, state = model.step(ids[:, 11], first.state)
-    rest = model(ids[:, 12:], state=state)
-    assert rel_err(torch.cat([first.logits, logits[:, None], rest.logits], 1), full) < 1e-5
+    assert_step_and_prefill_equal_forward(model, torch.randint(0, 128, (2, 19)), split=11)
 
 
 def test_memory_state_only_sees_its_tokens():
