@@ -4,7 +4,9 @@ Triton compiles a kernel all the way to a cubin for a named target without a GPU
 ptxas). That proves what the CPU interpreter cannot: bf16 code paths, compile errors, `tl.dot` layout
 constraints and the shared memory a block needs against the target's limit. Resource numbers come from
 the compiler: `shared` and `num_warps` from Triton's metadata, registers and stack (spill) bytes from the
-cubin's resource table as cuobjdump prints it.
+cubin's resource table as cuobjdump prints it. The Triton IR also shows whether a kernel indexes in 64 bits:
+every program id must be widened to i64 before use (kernels/triton_launch.py), or offsets built from it wrap
+at 2^31 elements.
 
 Registry: every module under kernels/ that defines a `@triton.jit` kernel exports `AOT_KERNELS`, a list of
 {"fn", "name", "dtype", "signature", "constexprs", "num_warps", ...} for each dtype and config its
@@ -46,11 +48,22 @@ class CompileResult:
     num_warps: int | None = None
     registers: int | None = None
     stack_bytes: int | None = None  # > 0 means registers spilled to local memory
+    narrow_program_ids: int | None = None  # program ids used as 32-bit integers (0 = 64-bit indexing)
     error: str = ""
 
     @property
     def fits(self) -> bool:
         return self.ok and self.shared_bytes is not None and self.shared_bytes <= self.shared_limit
+
+
+def narrow_program_ids(ttir: str) -> int:
+    """How many `tt.get_program_id` results the Triton IR uses other than by widening them to i64."""
+    narrow = 0
+    for name in re.findall(r"(%\w+) = tt\.get_program_id", ttir):
+        uses = re.findall(rf"^.*{re.escape(name)}\b.*$", ttir, re.MULTILINE)
+        narrow += any("tt.get_program_id" not in use and not re.search(
+            rf"arith\.extsi {re.escape(name)} : i32 to i64", use) for use in uses)
+    return narrow
 
 
 def kernel_modules() -> list[str]:
@@ -129,6 +142,7 @@ def compile_spec(spec: dict, module: str, target: str) -> CompileResult:
     result.shared_bytes = compiled.metadata.shared
     result.num_warps = compiled.metadata.num_warps
     result.registers, result.stack_bytes = _resources(compiled.asm["cubin"])
+    result.narrow_program_ids = narrow_program_ids(compiled.asm["ttir"])
     return result
 
 
@@ -144,13 +158,14 @@ def compile_all(modules: list[str] | None = None, targets=tuple(TARGETS)) -> lis
 
 def print_table(results: list[CompileResult]) -> None:
     header = f"{'kernel':32} {'target':6} {'dtype':5} {'shared KiB':>10} {'limit':>6} {'warps':>5} {'regs':>4} " \
-             f"{'stack':>5} {'fits':4}  config"
+             f"{'stack':>5} {'i64':3} {'fits':4}  config"
     print(header)
     for r in results:
         shared = f"{r.shared_bytes / 1024:.1f}" if r.ok else "-"
         fits = "yes" if r.fits else ("NO" if r.ok else "FAIL")
         print(f"{r.kernel:32} {r.target:6} {r.dtype:5} {shared:>10} {r.shared_limit // 1024:>6} "
-              f"{r.num_warps or '-':>5} {r.registers or '-':>4} {r.stack_bytes if r.ok else '-':>5} {fits:4}  "
+              f"{r.num_warps or '-':>5} {r.registers or '-':>4} {r.stack_bytes if r.ok else '-':>5} "
+              f"{'-' if not r.ok else 'yes' if not r.narrow_program_ids else 'NO':3} {fits:4}  "
               f"{r.config}{'  ' + r.error if r.error else ''}")
 
 
@@ -167,7 +182,7 @@ def main() -> int:
     if args.json:
         report = {"missing": missing, "results": [asdict(r) | {"fits": r.fits} for r in results]}
         args.json.write_text(json.dumps(report, indent=1))
-    return 0 if not missing and all(r.fits for r in results) else 1
+    return 0 if not missing and all(r.fits and not r.narrow_program_ids for r in results) else 1
 
 
 if __name__ == "__main__":

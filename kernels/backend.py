@@ -1,36 +1,235 @@
-"""Backend choice shared by the ops that wrap the CUDA packages (selective_scan, ssd, causal_conv1d).
+"""The one backend mechanism of every op in kernels/: which path a call takes, and why.
 
-Each such op has two paths: the CUDA package (mamba-ssm or causal-conv1d, from the `cuda` extra) and
-its PyTorch reference in `kernels/<op>/reference.py`. The path is picked per call:
+Every op has a PyTorch reference (`kernels/<op>/reference.py`); most also have a fast path, our own
+Triton kernel or a CUDA package from the `cuda` extra (mamba-ssm, causal-conv1d, flash-attn). `OPS`
+lists them. Three settings choose between the two:
 
-- the `backend=` argument of the op, else the environment variable `HP_KERNEL_BACKEND`, else `auto`;
-- `auto`: the CUDA package when the tensors are on a GPU and the package imports, the reference otherwise;
-- `cuda`: the CUDA package, or a RuntimeError that names the fix (never an ImportError trace);
-- `reference`: always the PyTorch reference.
+- `backend`: `auto` (default): the fast path when the tensors are on a CUDA device and it can run there,
+  the reference otherwise; `fast`: the fast path, or an error naming the fix (our Triton kernels also run
+  on CPU tensors under TRITON_INTERPRET=1, which the tests use); `reference`: always the reference.
+- `overrides`: the same per op, e.g. {"mlstm": "reference"}.
+- `strict` (default: true on CUDA tensors): on a CUDA device, a fast path that cannot run (its package
+  does not import, or the call needs something it lacks) stops with KernelFallbackError; with
+  strict=false it logs one WARNING per op and takes the reference. A reference asked for on purpose
+  (`reference`, globally or per op) is never a fallback.
 
-The packages are imported lazily, here and nowhere else: mamba-ssm cannot even be imported without
-its compiled CUDA extension. Each op logs the path it took once (INFO), so a run shows what ran.
+Settings come from the run config's `kernels:` section (`configure`, called by the trainer) over the
+environment variable HP_KERNELS, for scripts and tests: `HP_KERNELS=reference`,
+`HP_KERNELS=auto,mlstm=fast,strict=false` (a backend first, then op=mode and strict=... in any order).
+
+`plan(op, device, dtype)` is the decision alone, for reports made before anything runs
+(train/kernel_report.py); `choose(op, x)` is what a dispatcher calls for each call: the same decision,
+then the strict rule. The CUDA packages are imported lazily, here and nowhere else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import importlib.util
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-BACKEND_ENV = "HP_KERNEL_BACKEND"
-BACKENDS = ("auto", "cuda", "reference")
-_logged: set[tuple[str, str]] = set()
+ENV = "HP_KERNELS"
+MODES = ("auto", "fast", "reference")
+CUDA_EXTRA_FIX = "`pip install .[cuda]` on the GPU machine"
+TRITON_FIX = "`pip install triton==3.7.1`"
+# Variables of earlier versions, no longer read: setting one warns and names its replacement.
+RETIRED_ENV = {
+    "HP_KERNEL_BACKEND": "HP_KERNELS=<auto|fast|reference> (cuda is now fast)",
+    "MLSTM_BACKEND": "HP_KERNELS=mlstm=<auto|fast|reference> (triton is now fast)",
+    "GLA_BACKEND": "HP_KERNELS=gla=<auto|fast|reference> (triton is now fast)",
+    "DELTA_RULE_BACKEND": "HP_KERNELS=delta_rule=<auto|fast|reference> (triton is now fast)",
+}
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op of kernels/. `fast` describes its fast path (None: the reference is its only path, and
+    `note` says why); `package` is the import that fast path needs ('triton' for our own kernels)."""
+
+    name: str
+    reference: str
+    fast: str | None = None
+    package: str = ""
+    function: str = ""
+    dtypes: tuple[torch.dtype, ...] = ()  # dtypes the fast path takes; empty: any
+    note: str = ""
+
+    @property
+    def triton(self) -> bool:
+        return self.package == "triton"
+
+
+_HALF = (torch.float16, torch.bfloat16)
+OPS: dict[str, Op] = {op.name: op for op in (
+    Op("mlstm", "kernels/mlstm/reference.py mlstm_chunkwise", "own Triton chunkwise kernel (kernels/mlstm/triton.py)",
+       "triton"),
+    Op("mlstm_step", "kernels/mlstm/reference.py mlstm_recurrent_step",
+       note="one decoding step: memory bound and tiny"),
+    Op("gla", "kernels/gla/reference.py gla_chunk", "own Triton chunk kernel (kernels/gla/triton.py)", "triton"),
+    Op("gla_step", "kernels/gla/reference.py gla_step", note="one decoding step: memory bound and tiny"),
+    Op("delta_rule", "kernels/delta_rule/reference.py delta_rule_chunk",
+       "own Triton chunk kernel (kernels/delta_rule/triton.py)", "triton"),
+    Op("delta_rule_step", "kernels/delta_rule/reference.py delta_rule_step",
+       note="one decoding step: memory bound and tiny"),
+    Op("selective_scan", "kernels/selective_scan/reference.py selective_scan",
+       "mamba-ssm selective_scan_fn (CUDA)", "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
+    Op("selective_state_update", "kernels/selective_scan/reference.py selective_state_update_ref",
+       "mamba-ssm selective_state_update (Triton)", "mamba_ssm.ops.triton.selective_state_update",
+       "selective_state_update"),
+    Op("ssd", "kernels/ssd/reference.py ssd_chunked", "mamba-ssm mamba_chunk_scan_combined (Triton)",
+       "mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
+    Op("ssd_step", "kernels/ssd/reference.py ssd_step_ref", "mamba-ssm selective_state_update (Triton)",
+       "mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
+    Op("causal_conv1d", "kernels/causal_conv1d/reference.py causal_conv1d_ref", "causal-conv1d causal_conv1d_fn",
+       "causal_conv1d", "causal_conv1d_fn"),
+    Op("causal_conv1d_update", "kernels/causal_conv1d/reference.py causal_conv1d_update_ref",
+       "causal-conv1d causal_conv1d_update", "causal_conv1d", "causal_conv1d_update"),
+    Op("attention", "kernels/attention/reference.py attention_ref (SDPA)",
+       "flash-attn flash_attn_func / flash_attn_varlen_func", "flash_attn", "flash_attn_func", _HALF),
+    Op("checkpoint_attention", "kernels/attention/reference.py checkpoint_attention_ref",
+       note="two matmuls over T x N scores that cuBLAS runs well; flash-attn has no mask of this shape"),
+)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str = "auto"
+    overrides: Mapping[str, str] = field(default_factory=dict)
+    strict: bool | None = None  # None: true on CUDA tensors
+
+    def mode(self, op: str) -> str:
+        return self.overrides.get(op, self.backend)
+
+    def as_dict(self) -> dict:
+        return {"backend": self.backend, "overrides": dict(self.overrides), "strict": self.strict}
+
+
+class KernelFallbackError(RuntimeError):
+    """A fast path that was required (strict, or asked for) cannot run; the message names the op and the fix."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The path of one op: `fast` or `reference`, what runs and why; `fallback` when the fast path was
+    wanted and cannot run (an error under strict), with the `problem` and the `fix`."""
+
+    op: str
+    path: str
+    runs: str
+    reason: str
+    fallback: bool = False
+    problem: str = ""
+    fix: str = ""
+
+    @property
+    def fast(self) -> bool:
+        return self.path == "fast"
+
+    def as_dict(self) -> dict:
+        extra = {"problem": self.problem, "fix": self.fix} if self.fallback else {}
+        return {"op": self.op, "path": self.path, "runs": self.runs, "reason": self.reason,
+                "fallback": self.fallback, **extra}
+
+
+def fallback_message(rows: list[dict]) -> str:
+    """One message for fast paths that cannot run (`Choice.as_dict()` rows): what, why, and the fixes."""
+    ops = [r["op"] for r in rows]
+    fixes = list(dict.fromkeys(r["fix"] for r in rows if r["fix"]))
+    on_purpose = ("kernels.overrides: {" + ", ".join(f"{op}: reference" for op in ops) + "} (HP_KERNELS="
+                  + ",".join(f"{op}=reference" for op in ops) + ")")
+    what = "; ".join(f"{r['op']}: {r['problem']}" for r in rows)
+    return f"the fast path of kernel {', '.join(ops)} cannot run ({what}). Fix: " \
+           + "; ".join([*fixes, f"or take the PyTorch reference on purpose with {on_purpose}"])
+
+
+def check_mode(mode: str, where: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"{where}: kernel backend {mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def check_op(op: str, where: str) -> str:
+    if op not in OPS:
+        raise ValueError(f"{where}: unknown kernel op {op!r}; known ops: {', '.join(OPS)}")
+    return op
 
 
 @functools.cache
-def load_cuda_function(module: str, name: str) -> tuple[Callable | None, str]:
+def parse_env(value: str) -> Settings:
+    """Settings from HP_KERNELS' text: 'reference', 'auto,mlstm=fast,strict=false'."""
+    backend, overrides, strict = "auto", {}, None
+    for item in filter(None, (part.strip().lower() for part in value.split(","))):
+        key, sep, mode = item.partition("=")
+        if not sep:
+            backend = check_mode(key, f"${ENV}")
+        elif key == "strict":
+            if mode not in ("true", "false", "1", "0"):
+                raise ValueError(f"${ENV}: strict={mode!r} must be true or false")
+            strict = mode in ("true", "1")
+        else:
+            overrides[check_op(key, f"${ENV}")] = check_mode(mode, f"${ENV} {key}")
+    return Settings(backend, overrides, strict)
+
+
+_configured: Settings | None = None
+
+
+def settings() -> Settings:
+    """The settings in force: those `configure`d by the run, else $HP_KERNELS."""
+    if _configured is not None:
+        return _configured
+    _warn_retired_env()
+    return parse_env(os.environ.get(ENV, ""))
+
+
+def configure(backend: str | None = None, overrides: Mapping[str, str] | None = None,
+              strict: bool | None = None) -> Settings:
+    """The run's `kernels:` section, over $HP_KERNELS: a backend or strict given here wins, overrides merge."""
+    global _configured
+    _configured = None
+    env = settings()
+    _configured = Settings(
+        check_mode(backend, "kernels.backend") if backend is not None else env.backend,
+        {**env.overrides, **{check_op(op, "kernels.overrides"): check_mode(m, f"kernels.overrides.{op}")
+                             for op, m in (overrides or {}).items()}},
+        strict if strict is not None else env.strict,
+    )
+    return _configured
+
+
+@contextlib.contextmanager
+def using(backend: str | None = None, overrides: Mapping[str, str] | None = None,
+          strict: bool | None = None) -> Iterator[Settings]:
+    """Settings for the duration of a block (tests, benches), restored afterwards."""
+    global _configured
+    saved = _configured
+    try:
+        yield configure(backend, overrides, strict)
+    finally:
+        _configured = saved
+
+
+_retired_warned: set[str] = set()
+
+
+def _warn_retired_env() -> None:
+    for name, replacement in RETIRED_ENV.items():
+        if name in os.environ and name not in _retired_warned:
+            _retired_warned.add(name)
+            logger.warning("%s is no longer read: use %s", name, replacement)
+
+
+@functools.cache
+def load_function(module: str, name: str) -> tuple[Callable | None, str]:
     """(function, "") when `module.name` imports, else (None, the reason): for lazy, optional imports."""
     try:
         return getattr(importlib.import_module(module), name), ""
@@ -38,47 +237,95 @@ def load_cuda_function(module: str, name: str) -> tuple[Callable | None, str]:
         return None, f"{type(err).__name__}: {err}"
 
 
-def requested_backend(backend: str | None) -> str:
-    """The backend asked for: the argument, else $HP_KERNEL_BACKEND, else 'auto'."""
-    how = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
-    how = how.strip().lower() or "auto"
-    if how not in BACKENDS:
-        raise ValueError(
-            f"kernel backend {how!r} is not one of {', '.join(BACKENDS)} "
-            f"(the backend argument or ${BACKEND_ENV})"
-        )
-    return how
+def _fast_path_unavailable(op: Op) -> str:
+    """Why the fast path cannot be imported here ('' when it can)."""
+    if op.triton:
+        return "" if importlib.util.find_spec("triton") is not None else "triton is not installed"
+    return load_function(op.package, op.function)[1]
 
 
-def log_path_once(op: str, path: str) -> None:
-    if (op, path) not in _logged:
-        _logged.add((op, path))
-        logger.info("%s uses %s", op, path)
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def cuda_function(op: str, x: torch.Tensor, backend: str | None, module: str, name: str) -> Callable | None:
-    """The CUDA package's `module.name` if this call should use it, None for the PyTorch reference.
+def plan(op_name: str, device: torch.device | str, dtype: torch.dtype | None = None, unmet: str | None = None,
+         config: Settings | None = None) -> Choice:
+    """The path `op_name` takes for tensors on `device` of `dtype`, with no side effects. `unmet`: a
+    condition of this call the fast path lacks (the dispatcher's check), e.g. 'a key prefix with varlen'."""
+    op, config = OPS[op_name], config or settings()
+    device = torch.device(device)
+    mode = config.mode(op.name)
+    on_cuda = device.type == "cuda"
+    where = f"{mode} on {device.type}"
+    reference = f"PyTorch reference ({op.reference})"
+    if op.fast is None:
+        return Choice(op.name, "reference", reference, f"the only path: {op.note}")
+    if mode == "reference":
+        return Choice(op.name, "reference", reference, "asked for (reference)")
+    if mode == "auto" and not on_cuda:
+        return Choice(op.name, "reference", reference, f"auto on {device.type}: the fast path needs CUDA tensors")
+    problem = _fast_path_unavailable(op)
+    fix = (TRITON_FIX if op.triton else CUDA_EXTRA_FIX) if problem else ""
+    if not problem and not on_cuda and not (op.triton and _interpreting()):
+        problem = f"the tensors are on {device.type}" + (
+            " (set TRITON_INTERPRET=1 before triton is imported to run a Triton kernel on the CPU)" if op.triton else "")
+        fix = "move the model to a CUDA device"
+    if not problem and op.dtypes and dtype is not None and dtype not in op.dtypes:
+        problem = f"{op.fast} takes {'/'.join(str(d).removeprefix('torch.') for d in op.dtypes)}, not " \
+                  f"{str(dtype).removeprefix('torch.')}"
+        fix = "use bf16 tensors (parallel.precision=bf16 in a run, --dtype bfloat16 in launch/evaluate.py)"
+    if not problem and unmet:
+        problem, fix = unmet, ""
+    if not problem:
+        return Choice(op.name, "fast", op.fast, where)
+    return Choice(op.name, "reference", reference, f"{where}, but {problem}", True, problem, fix)
 
-    Raises RuntimeError when the CUDA path is requested explicitly but cannot run.
-    """
-    how = requested_backend(backend)
-    fn = None
-    if how == "cuda":
-        fn, reason = load_cuda_function(module, name)
-        package = module.split(".")[0].replace("_", "-")
-        if fn is None:
-            raise RuntimeError(
-                f"{op}: the CUDA path was requested (backend='cuda' or {BACKEND_ENV}=cuda) but {package} "
-                f"cannot be imported ({reason}). Install the `cuda` extra on a machine with CUDA: "
-                f"`pip install .[cuda]`; or use backend='reference' ({BACKEND_ENV}=reference)."
-            )
-        if not x.is_cuda:
-            raise RuntimeError(
-                f"{op}: the CUDA path was requested (backend='cuda' or {BACKEND_ENV}=cuda) but the tensors "
-                f"are on {x.device}; {package} runs on CUDA tensors only. Move the model to a GPU "
-                f"(with `pip install .[cuda]` there), or use backend='reference' ({BACKEND_ENV}=reference)."
-            )
-    elif how == "auto" and x.is_cuda:
-        fn, _ = load_cuda_function(module, name)
-    log_path_once(op, f"{module}.{name}" if fn is not None else "the PyTorch reference")
-    return fn
+
+def is_strict(device: torch.device | str, config: Settings | None = None) -> bool:
+    strict = (config or settings()).strict
+    return torch.device(device).type == "cuda" if strict is None else strict
+
+
+_warned: set[str] = set()  # ops whose fallback was already reported (by a WARNING or a kernel report)
+_logged: set[tuple[str, str]] = set()
+_seen: set[str] = set()  # every op `choose` was asked for: what a model really calls (tests compare it)
+
+
+def choose(op_name: str, x: torch.Tensor, unmet: str | None = None) -> Choice:
+    """The path of this call (see `plan`), with the strict rule applied: a fallback raises when the fast
+    path was asked for (`fast`) or under strict, else warns once per op."""
+    config = settings()
+    _seen.add(op_name)
+    choice = plan(op_name, x.device, x.dtype, unmet, config)
+    if choice.fallback:
+        if config.mode(op_name) == "fast" or is_strict(x.device, config):
+            raise KernelFallbackError(fallback_message([choice.as_dict()]))
+        if op_name not in _warned:
+            _warned.add(op_name)
+            logger.warning("%s (kernels.strict is false: taking the reference)", fallback_message([choice.as_dict()]))
+    if (op_name, choice.reason) not in _logged:
+        _logged.add((op_name, choice.reason))
+        logger.debug("kernel %s: %s, %s", op_name, choice.runs, choice.reason)
+    return choice
+
+
+def fast_function(choice: Choice) -> Callable:
+    """The CUDA package function behind a fast `choice` (imported once)."""
+    op = OPS[choice.op]
+    return load_function(op.package, op.function)[0]
+
+
+def note_reported(ops: list[str]) -> None:
+    """A kernel report has shown these ops' fallbacks: `choose` does not warn about them again."""
+    _warned.update(ops)
+
+
+def ops_seen() -> set[str]:
+    """The ops `choose` was asked for since the last `reset_for_tests`."""
+    return set(_seen)
+
+
+def reset_for_tests() -> None:
+    """Forget what was seen, logged and warned (tests assert on the first message)."""
+    for remembered in (_warned, _logged, _seen, _retired_warned):
+        remembered.clear()

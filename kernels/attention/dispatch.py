@@ -1,28 +1,21 @@
-"""Picks the attention path: flash-attn for CUDA half-precision tensors when installed, else SDPA with masks.
+"""Picks the attention path (kernels/backend.py): flash-attn on CUDA bf16/fp16 tensors, else SDPA with masks.
 
 flash-attn (the `cuda` extra) is imported lazily through kernels/backend.py, here and nowhere else. It
 covers causal attention with a key prefix (its causal mask is aligned bottom-right, i.e. to positions
 q_offset + i when Tk = q_offset + Tq), sliding windows (`window_size`), and packed documents and
 block-causal masks through `flash_attn_varlen_func` with `cu_seqlens` (a block-causal mask is varlen
-attention whose boundaries are the block starts). Anything else takes the SDPA reference, which builds
-the equivalent boolean mask. `HP_KERNEL_BACKEND` / `backend=` choose as for the other ops.
+attention whose boundaries are the block starts). Head sizes that are not a multiple of 8 are padded by
+flash-attn itself; head sizes above 256 are refused by the config schema (models/config.py).
 """
 
 import torch
 
-from kernels.attention.reference import attention_ref, checkpoint_attention_ref
-from kernels.backend import cuda_function, log_path_once
+from kernels.attention.reference import attention_ref, checkpoint_attention_ref, document_causal_attention_ref
+from kernels.backend import choose, load_function
 
-_FLASH_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _flash(name: str, q: torch.Tensor, backend: str | None):
-    """flash_attn.<name> if this call can use it, else None (logged once per reason)."""
-    fn = cuda_function("attention", q, backend, "flash_attn", name)
-    if fn is not None and (q.dtype not in _FLASH_DTYPES or q.shape[-1] > 256 or q.shape[-1] % 8):
-        log_path_once("attention", "scaled_dot_product_attention (flash-attn needs fp16/bf16, head_dim <= 256)")
-        return None
-    return fn
+FLASH_MAX_HEAD_DIM = 256
+# Packed rows whose documents differ per row (the concat baseline's doc_ids) have no flash-attn path yet.
+PER_ROW_DOCUMENTS = "per-row document ids (data.reset_at_doc_boundary) have no flash-attn path yet"
 
 
 def _boundaries(t: int, block_size: int | None, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
@@ -43,7 +36,6 @@ def attention(
     window: int | None = None,
     block_size: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    backend: str | None = None,
 ) -> torch.Tensor:
     """Causal softmax attention, optionally windowed, block-causal or per document (see reference.py).
 
@@ -62,14 +54,14 @@ def attention(
     if window is not None and window < 1 or block_size is not None and block_size < 1:
         raise ValueError(f"attention: window={window} and block_size={block_size} must be >= 1 when given")
     varlen = block_size is not None or cu_seqlens is not None
-    fn = _flash("flash_attn_varlen_func" if varlen else "flash_attn_func", q, backend)
-    if fn is not None and varlen and q_offset:
-        log_path_once("attention", "scaled_dot_product_attention (varlen with a key prefix)")
-        fn = None
-    if fn is None:
-        log_path_once("attention", "scaled_dot_product_attention")
+    unmet = None
+    if q.shape[-1] > FLASH_MAX_HEAD_DIM:
+        unmet = f"flash-attn takes head_dim <= {FLASH_MAX_HEAD_DIM}, not {q.shape[-1]}"
+    elif varlen and q_offset:
+        unmet = "flash-attn's varlen path takes no key prefix (q_offset > 0)"
+    if not choose("attention", q, unmet).fast:
         return attention_ref(q, k, v, q_offset, window, block_size, cu_seqlens)
-    log_path_once("attention", "flash-attn")
+    fn = load_function("flash_attn", "flash_attn_varlen_func" if varlen else "flash_attn_func")[0]
     window_size = (-1, -1) if window is None else (window - 1, 0)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn's layout: (B, T, H, D)
     if not varlen:
@@ -88,6 +80,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset
     return attention(q, k, v, q_offset)
 
 
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """Causal attention inside each row's documents: q (B, H, T, D), k, v (B, H_kv, T, D), doc_ids (B, T).
+    The reference only (a dense (B, T, T) mask): on CUDA that is a fallback, reported as such."""
+    choose("attention", q, PER_ROW_DOCUMENTS)
+    return document_causal_attention_ref(q, k, v, doc_ids)
+
+
 def checkpoint_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -101,4 +100,5 @@ def checkpoint_attention(
     One path on every device: two matmuls over T x N scores (N summaries, far fewer than T) that cuBLAS
     runs well; flash-attn has no mask of this shape.
     """
+    choose("checkpoint_attention", q)
     return checkpoint_attention_ref(q, k, v, ck, cv, n_visible)

@@ -3,7 +3,8 @@
 Every mask here is causal; the options narrow it further, and combine:
 
 - `window=w`: sliding window, query at position p reads keys at p - w + 1 .. p (Mistral / flash-attn's
-  `window_size=(w - 1, 0)`);
+  `window_size=(w - 1, 0)`); computed by bands (`sliding_window_ref`) when the window is shorter than the
+  keys, so work and memory grow as T x w, not T^2;
 - `block_size=b`: block-causal, a query reads only keys of its own block of b positions (BST's in-block
   self-attention, blocks starting at position 0);
 - `cu_seqlens`: packed documents (flash-attn's varlen layout), a query reads only keys of its own document.
@@ -49,6 +50,36 @@ def attention_mask(
     return mask
 
 
+# Queries of a band: each band of BAND rows reads window - 1 + BAND keys, so the work per query exceeds the
+# window's by BAND / window; more rows per band mean fewer, larger matmuls.
+def _band_rows(window: int) -> int:
+    return max(16, window // 16)
+
+
+def sliding_window_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, q_offset: int = 0) -> torch.Tensor:
+    """Causal sliding-window attention by bands of queries, each against only the keys its window can reach.
+
+    q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D), Tk = q_offset + Tq. Returns (B, H, Tq, D), equal to the masked
+    SDPA of `attention_ref`.
+    """
+    tq, tk = q.shape[-2], k.shape[-2]
+    rows = min(_band_rows(window), tq)
+    n_bands, span = -(-tq // rows), window - 1 + rows
+    pad = n_bands * rows - tq
+    # Key j sits at index j + window - 1 of kp; band b's queries (positions q_offset + b * rows + i) read
+    # kp[q_offset + b * rows : ... + span].
+    kp, vp = (F.pad(t, (0, 0, window - 1, pad))[:, :, q_offset:] for t in (k, v))
+    kb, vb = (t.unfold(2, span, rows).permute(0, 2, 1, 4, 3) for t in (kp, vp))  # (B, bands, H_kv, span, D)
+    qb = F.pad(q, (0, 0, 0, pad)).unflatten(2, (n_bands, rows)).transpose(1, 2)  # (B, bands, H, rows, D)
+    q_pos = q_offset + torch.arange(n_bands * rows, device=q.device).view(n_bands, rows, 1)
+    k_pos = (q_offset - (window - 1) + rows * torch.arange(n_bands, device=q.device).view(n_bands, 1, 1)
+             + torch.arange(span, device=q.device).view(1, 1, span))
+    mask = (k_pos >= 0) & (k_pos <= q_pos) & (q_pos - k_pos < window) & (k_pos < tk)  # (bands, rows, span)
+    mask |= ~mask.any(-1, keepdim=True)  # padded query rows read anything: no row of -inf (dropped below)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2).flatten(2, 3)[:, :, :tq]
+
+
 def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,6 +94,8 @@ def attention_ref(
     gqa = q.shape[1] != k.shape[1]
     if window is None and block_size is None and cu_seqlens is None and q_offset == 0 and tq == tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if window is not None and window < tk and block_size is None and cu_seqlens is None:
+        return sliding_window_ref(q, k, v, window, q_offset)
     # SDPA's is_causal aligns the mask top-left; a cache or a key prefix needs it aligned to positions.
     mask = attention_mask(tq, tk, q_offset, window, block_size, cu_seqlens, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -1,7 +1,7 @@
 """The gated delta rule (Gated DeltaNet; MoM's default memory recurrence).
 
 `reference.py` is the readable PyTorch spec (step, recurrence, WY chunk form), `triton.py` the chunk
-kernel (forward and backward), `dispatch.py` picks one per call (env DELTA_RULE_BACKEND).
+kernel (forward and backward), `dispatch.py` picks one per call (kernels/backend.py).
 """
 
 from kernels.delta_rule.dispatch import chunk_gated_delta_rule, delta_rule_step

@@ -1,19 +1,20 @@
-"""The gated-delta-rule dispatcher: the Triton chunk kernel on CUDA, the PyTorch reference otherwise.
-
-The backend is chosen per call from the environment variable `DELTA_RULE_BACKEND` (`auto`, `triton`,
-`reference`), with the same rules and the same log-once behaviour as kernels/gla (whose chooser this
-reuses). `delta_rule_step` always uses the reference: a decoding step is memory bound and tiny.
+"""The gated-delta-rule dispatcher (kernels/backend.py, op `delta_rule`): the Triton chunk kernel on CUDA, else
+the PyTorch reference. `delta_rule_step` (op `delta_rule_step`) always uses the reference: a decoding step is
+memory bound and tiny.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.backend import choose
 from kernels.delta_rule import reference
-from kernels.gla.dispatch import choose_backend
 
-BACKEND_ENV = "DELTA_RULE_BACKEND"
-
+TRITON_CHUNK, REFERENCE_CHUNK = 16, 64  # default chunks of each path (speed only, same result)
+# What the Triton kernel takes (models/config.py checks it), as compiled by kernels/aot.py: chunks of 16 (at
+# 32 the backward chunk kernel needs 168 KiB of shared memory at K = V = 256, past an A100's 163 KiB), key dims
+# up to 256 (the whole key dim is one state tile).
+TRITON_CHUNK_SIZES, TRITON_MAX_KEY_DIM = (16,), 256
 
 def chunk_gated_delta_rule(
     q: torch.Tensor,
@@ -31,13 +32,14 @@ def chunk_gated_delta_rule(
     initial_state (B, H, K, V) fp32 or None; scale defaults to K ** -0.5. Returns o (B, T, H, V) in v's
     dtype and the final fp32 state. chunk_size: None picks each backend's own (16 Triton, 64 reference).
     """
-    if choose_backend(q, BACKEND_ENV, "chunk_gated_delta_rule") == "triton":
+    if choose("delta_rule", q).fast:
         from kernels.delta_rule.triton import chunk_gated_delta_rule_triton
 
-        return chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, chunk_size or 16)
-    return reference.delta_rule_chunk(q, k, v, g, beta, scale, initial_state, chunk_size or 64)
+        return chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, chunk_size or TRITON_CHUNK)
+    return reference.delta_rule_chunk(q, k, v, g, beta, scale, initial_state, chunk_size or REFERENCE_CHUNK)
 
 
 def delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, scale: float | None = None):
     """One decoding step: q_t, k_t (B, H, K); v_t (B, H, V); g_t, beta_t (B, H); state -> o_t, state."""
+    choose("delta_rule_step", q_t)
     return reference.delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, scale)

@@ -28,10 +28,11 @@ inverse always "ieee"). Under TRITON_INTERPRET=1 the same code runs on the CPU.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import triton_launch as launch
+from kernels.delta_rule.dispatch import TRITON_CHUNK_SIZES, TRITON_MAX_KEY_DIM
 from kernels.delta_rule.reference import check_inputs
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def _gdr_fwd_kernel(
     K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, KF: tl.constexpr, BV: tl.constexpr,
     RECOMPUTE: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_v, bh = tl.program_id(0), tl.program_id(1)
+    pid_v, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b_idx, h = bh // H, bh % H
     NC = T // L
     rows = tl.arange(0, L)
@@ -125,7 +126,7 @@ def _gdr_bwd_dstates_kernel(
     K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, KF: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid_v, bh = tl.program_id(0), tl.program_id(1)
+    pid_v, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b_idx, h = bh // H, bh % H
     NC = T // L
     rows = tl.arange(0, L)
@@ -160,7 +161,7 @@ def _gdr_bwd_chunk_kernel(
     K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, KF: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    c, bh = tl.program_id(0), tl.program_id(1)
+    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b_idx, h = bh // H, bh % H
     NC = T // L
     rows = tl.arange(0, L)
@@ -238,11 +239,6 @@ def _gdr_bwd_chunk_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the launchers write; tests replace it with a NaN-filled allocator."""
-    return torch.empty(*shape, dtype=dtype, device=device)
-
-
 # Two pipeline stages, not Triton's default three: at K = V = 256 in fp32 the third stage's operand
 # buffers take the backward chunk kernel to 224 KiB of shared memory, past an A100's 163 KiB
 # (found by kernels/aot.py); two stages need 156 KiB.
@@ -255,10 +251,6 @@ def _tiles(K: int, V: int) -> tuple[int, int, int]:
     return kf, min(max(triton.next_power_of_2(V), 16), 32), 4 if kf <= 64 else 8
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _fwd(q, k, v, g, beta, h0, scale, chunk_size, recompute):
     """Inputs contiguous with T a multiple of chunk_size. Returns (o, final state), or the NC + 1
     boundary states (BH, NC+1, K, V) when recomputing for the backward."""
@@ -268,14 +260,15 @@ def _fwd(q, k, v, g, beta, h0, scale, chunk_size, recompute):
     KF, BV, warps = _tiles(K, V)
     if recompute:
         o = ht = q  # unused pointers
-        hs = _alloc(B * H, NC + 1, K, V, dtype=torch.float32, device=q.device)
+        hs = launch.alloc(B * H, NC + 1, K, V, dtype=torch.float32, device=q.device)
     else:
-        o = _alloc(B, T, H, V, dtype=v.dtype, device=q.device)
-        ht = _alloc(B, H, K, V, dtype=torch.float32, device=q.device)
+        o = launch.alloc(B, T, H, V, dtype=v.dtype, device=q.device)
+        ht = launch.alloc(B, H, K, V, dtype=torch.float32, device=q.device)
         hs = ht  # unused pointer
     _gdr_fwd_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, v, g, beta, h0, o, ht, hs, T, H, scale,
-        K=K, V=V, L=chunk_size, KF=KF, BV=BV, RECOMPUTE=recompute, PREC=_precision(q.dtype), num_warps=warps,
+        K=K, V=V, L=chunk_size, KF=KF, BV=BV, RECOMPUTE=recompute, PREC=launch.dot_precision(q.dtype),
+        num_warps=warps,
     )
     return hs if recompute else (o, ht)
 
@@ -286,18 +279,18 @@ def _bwd(q, k, v, g, beta, h0, do, dht, scale, chunk_size):
     V = v.shape[-1]
     NC = T // chunk_size
     KF, BV, warps = _tiles(K, V)
-    prec = _precision(q.dtype)
+    prec = launch.dot_precision(q.dtype)
     hs = _fwd(q, k, v, g, beta, h0, scale, chunk_size, recompute=True)
-    dhs = _alloc(B * H, NC + 1, K, V, dtype=torch.float32, device=q.device)
+    dhs = launch.alloc(B * H, NC + 1, K, V, dtype=torch.float32, device=q.device)
+    dq = launch.alloc(*q.shape, dtype=q.dtype, device=q.device)
+    dk = launch.alloc(*k.shape, dtype=k.dtype, device=q.device)
+    dv = launch.alloc(*v.shape, dtype=v.dtype, device=q.device)
+    dbeta = launch.alloc(*g.shape, dtype=torch.float32, device=q.device)
+    dgamma = launch.alloc(*g.shape, dtype=torch.float32, device=q.device)
     _gdr_bwd_dstates_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, g, beta, do, dht, dhs, T, H, scale, K=K, V=V, L=chunk_size, KF=KF, BV=BV, PREC=prec,
         num_warps=warps,
     )
-    dq = _alloc(*q.shape, dtype=q.dtype, device=q.device)
-    dk = _alloc(*k.shape, dtype=k.dtype, device=q.device)
-    dv = _alloc(*v.shape, dtype=v.dtype, device=q.device)
-    dbeta = _alloc(*g.shape, dtype=torch.float32, device=q.device)
-    dgamma = _alloc(*g.shape, dtype=torch.float32, device=q.device)
     _gdr_bwd_chunk_kernel[(NC, B * H)](
         q, k, v, g, beta, do, hs, dhs, dq, dk, dv, dbeta, dgamma, T, H, scale,
         K=K, V=V, L=chunk_size, KF=KF, BV=BV, PREC=prec, num_warps=warps, num_stages=BWD_CHUNK_STAGES,
@@ -316,7 +309,8 @@ def _bwd(q, k, v, g, beta, h0, do, dht, scale, chunk_size):
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, chunk_size):
-        o, ht = _fwd(q, k, v, g, beta, h0, scale, chunk_size, recompute=False)
+        with launch.on_device(q):
+            o, ht = _fwd(q, k, v, g, beta, h0, scale, chunk_size, recompute=False)
         ctx.save_for_backward(q, k, v, g, beta, h0)
         ctx.scale, ctx.chunk_size = scale, chunk_size
         return o, ht
@@ -326,7 +320,8 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         q, k, v, g, beta, h0 = ctx.saved_tensors
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = torch.zeros_like(h0) if dht is None else dht.float().contiguous()
-        grads = _bwd(q, k, v, g, beta, h0, do, dht, ctx.scale, ctx.chunk_size)
+        with launch.on_device(q):
+            grads = _bwd(q, k, v, g, beta, h0, do, dht, ctx.scale, ctx.chunk_size)
         return (*grads, None, None)
 
 
@@ -353,18 +348,15 @@ def chunk_gated_delta_rule_triton(
         >>> o, state = chunk_gated_delta_rule_triton(q, k, torch.randn(2, 100, 2, 48, device="cuda"), g, beta)
     """
     check_inputs(q, k, v, g, beta, initial_state)
-    if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"q, k, v must share one dtype among fp32, bf16, fp16; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16 for the Triton kernel, got {chunk_size}")
+    launch.check_half_or_fp32(q, k, v)
+    launch.check_chunk(chunk_size, TRITON_CHUNK_SIZES)
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if K > TRITON_MAX_KEY_DIM:
+        raise ValueError(f"the Triton gated delta rule kernel takes key dims up to {TRITON_MAX_KEY_DIM}, got {K}")
     scale = K**-0.5 if scale is None else scale
-    pad = -T % chunk_size
-    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)).contiguous() for x in (q, k, v))
-    g, beta = (F.pad(x.float(), (0, 0, 0, pad)).contiguous() for x in (g, beta))
-    h0 = (torch.zeros(B, H, K, V, dtype=torch.float32, device=q.device) if initial_state is None
-          else initial_state.float().contiguous())
+    q, k, v, g, beta = launch.pad_time(chunk_size, q, k, v, g.float(), beta.float())
+    h0 = launch.initial_state(initial_state, (B, H, K, V), q.device)
     o, ht = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, h0, scale, chunk_size)
     return o[:, :T], ht
 
@@ -375,35 +367,22 @@ def chunk_gated_delta_rule_triton(
 
 
 def _aot_specs() -> list[dict]:
-    """One entry per (kernel, dtype) at MoM's head sizes (K = V = 256, chunk 16)."""
-    specs = []
+    """One entry per (kernel, dtype, chunk size) at MoM's head sizes (K = V = 256), in each chunk size it takes."""
+    in_dtype = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
     K = V = 256
     KF, BV, warps = _tiles(K, V)
-    for dtype, tt, torch_dtype in (
-        ("fp32", "*fp32", torch.float32), ("bf16", "*bf16", torch.bfloat16), ("fp16", "*fp16", torch.float16)
-    ):
-        prec = _precision(torch_dtype)
-        in_dtype = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
-        base = {"K": K, "V": V, "L": 16, "KF": KF, "BV": BV, "PREC": prec}
-        for fn, consts in (
-            (_gdr_fwd_kernel, {**base, "RECOMPUTE": False}),
-            (_gdr_fwd_kernel, {**base, "RECOMPUTE": True}),
-            (_gdr_bwd_dstates_kernel, base),
-            (_gdr_bwd_chunk_kernel, base),
-        ):
-            signature = {}
-            for name in fn.arg_names:
-                if name in consts:
-                    signature[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    signature[name] = tt if name in in_dtype else "*fp32"
-                elif name == "scale":
-                    signature[name] = "fp32"
-                else:
-                    signature[name] = "i32"
-            stages = BWD_CHUNK_STAGES if fn is _gdr_bwd_chunk_kernel else None
-            specs.append({"fn": fn, "name": fn.__name__, "dtype": dtype, "signature": signature,
-                          "constexprs": consts, "num_warps": warps, "num_stages": stages})
+    specs = []
+    for L in TRITON_CHUNK_SIZES:
+        for dtype, torch_dtype in launch.DTYPES:
+            base = {"K": K, "V": V, "L": L, "KF": KF, "BV": BV, "PREC": launch.dot_precision(torch_dtype)}
+            for fn, consts in (
+                (_gdr_fwd_kernel, {**base, "RECOMPUTE": False}),
+                (_gdr_fwd_kernel, {**base, "RECOMPUTE": True}),
+                (_gdr_bwd_dstates_kernel, base),
+                (_gdr_bwd_chunk_kernel, base),
+            ):
+                stages = BWD_CHUNK_STAGES if fn is _gdr_bwd_chunk_kernel else None
+                specs.append(launch.aot_spec(fn, consts, dtype, in_dtype, warps, num_stages=stages))
     return specs
 
 

@@ -1,7 +1,7 @@
 """Gated linear attention with a decay per key dimension (HGRN2, MoM's GLA memories).
 
 `reference.py` is the readable PyTorch spec (step, recurrence, chunk form), `triton.py` the chunk
-kernel (forward and backward), `dispatch.py` picks one per call (env GLA_BACKEND=auto|triton|reference).
+kernel (forward and backward), `dispatch.py` picks one per call (kernels/backend.py).
 """
 
 from kernels.gla.dispatch import chunk_gla, gla_step

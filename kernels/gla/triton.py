@@ -27,10 +27,11 @@ TRITON_INTERPRET=1 the same code runs on the CPU.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import triton_launch as launch
+from kernels.gla.dispatch import TRITON_CHUNK_SIZES, TRITON_MAX_KEY_DIM
 from kernels.gla.reference import check_inputs
 
 # ----------------------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ def _gla_fwd_kernel(
     K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, KF: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, RECOMPUTE: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_v, bh = tl.program_id(0), tl.program_id(1)
+    pid_v, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b_idx, h = bh // H, bh % H
     NC = T // L
     rows = tl.arange(0, L)
@@ -108,7 +109,7 @@ def _gla_bwd_dstates_kernel(
     K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, KF: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid_v, bh = tl.program_id(0), tl.program_id(1)
+    pid_v, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b_idx, h = bh // H, bh % H
     NC = T // L
     rows = tl.arange(0, L)
@@ -143,7 +144,7 @@ def _gla_bwd_chunk_kernel(
     K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    c, bh = tl.program_id(0), tl.program_id(1)
+    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b_idx, h = bh // H, bh % H
     NC = T // L
     rows = tl.arange(0, L)
@@ -216,20 +217,11 @@ def _gla_bwd_chunk_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the launchers write; tests replace it with a NaN-filled allocator."""
-    return torch.empty(*shape, dtype=dtype, device=device)
-
-
 def _tiles(K: int, V: int) -> tuple[int, int, int, int]:
     """(KF, BK, BV, num_warps): the whole key dim as one state tile (the state needs all of K for
     q S and for the decay), K in blocks of 32 for the pairwise (L, L, BK) tiles, V in blocks of 32."""
     kf = max(triton.next_power_of_2(K), 16)
     return kf, min(kf, 32), min(max(triton.next_power_of_2(V), 16), 32), 4 if kf <= 128 else 8
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _fwd(q, k, v, g, h0, scale, chunk_size, recompute):
@@ -241,14 +233,14 @@ def _fwd(q, k, v, g, h0, scale, chunk_size, recompute):
     KF, BK, BV, warps = _tiles(K, V)
     if recompute:
         o = ht = q  # unused pointers
-        hs = _alloc(B * H, NC + 1, K, V, dtype=torch.float32, device=q.device)
+        hs = launch.alloc(B * H, NC + 1, K, V, dtype=torch.float32, device=q.device)
     else:
-        o = _alloc(B, T, H, V, dtype=v.dtype, device=q.device)
-        ht = _alloc(B, H, K, V, dtype=torch.float32, device=q.device)
+        o = launch.alloc(B, T, H, V, dtype=v.dtype, device=q.device)
+        ht = launch.alloc(B, H, K, V, dtype=torch.float32, device=q.device)
         hs = ht  # unused pointer
     _gla_fwd_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, v, g, h0, o, ht, hs, T, H, scale,
-        K=K, V=V, L=chunk_size, KF=KF, BK=BK, BV=BV, RECOMPUTE=recompute, PREC=_precision(q.dtype),
+        K=K, V=V, L=chunk_size, KF=KF, BK=BK, BV=BV, RECOMPUTE=recompute, PREC=launch.dot_precision(q.dtype),
         num_warps=warps,
     )
     return hs if recompute else (o, ht)
@@ -260,16 +252,16 @@ def _bwd(q, k, v, g, h0, do, dht, scale, chunk_size):
     V = v.shape[-1]
     NC = T // chunk_size
     KF, BK, BV, warps = _tiles(K, V)
-    prec = _precision(q.dtype)
+    prec = launch.dot_precision(q.dtype)
     hs = _fwd(q, k, v, g, h0, scale, chunk_size, recompute=True)
-    dhs = _alloc(B * H, NC + 1, K, V, dtype=torch.float32, device=q.device)
+    dhs = launch.alloc(B * H, NC + 1, K, V, dtype=torch.float32, device=q.device)
+    dq = launch.alloc(*q.shape, dtype=q.dtype, device=q.device)
+    dk = launch.alloc(*k.shape, dtype=k.dtype, device=q.device)
+    dv = launch.alloc(*v.shape, dtype=v.dtype, device=q.device)
+    dgacc = launch.alloc(*g.shape, dtype=torch.float32, device=q.device)
     _gla_bwd_dstates_kernel[(triton.cdiv(V, BV), B * H)](
         q, g, do, dht, dhs, T, H, scale, K=K, V=V, L=chunk_size, KF=KF, BV=BV, PREC=prec, num_warps=warps,
     )
-    dq = _alloc(*q.shape, dtype=q.dtype, device=q.device)
-    dk = _alloc(*k.shape, dtype=k.dtype, device=q.device)
-    dv = _alloc(*v.shape, dtype=v.dtype, device=q.device)
-    dgacc = _alloc(*g.shape, dtype=torch.float32, device=q.device)
     _gla_bwd_chunk_kernel[(NC, B * H)](
         q, k, v, g, do, hs, dhs, dq, dk, dv, dgacc, T, H, scale,
         K=K, V=V, L=chunk_size, BK=BK, BV=BV, PREC=prec, num_warps=warps,
@@ -288,7 +280,8 @@ def _bwd(q, k, v, g, h0, do, dht, scale, chunk_size):
 class _ChunkGLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale, chunk_size):
-        o, ht = _fwd(q, k, v, g, h0, scale, chunk_size, recompute=False)
+        with launch.on_device(q):
+            o, ht = _fwd(q, k, v, g, h0, scale, chunk_size, recompute=False)
         ctx.save_for_backward(q, k, v, g, h0)
         ctx.scale, ctx.chunk_size = scale, chunk_size
         return o, ht
@@ -298,7 +291,8 @@ class _ChunkGLA(torch.autograd.Function):
         q, k, v, g, h0 = ctx.saved_tensors
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = torch.zeros_like(h0) if dht is None else dht.float().contiguous()
-        dq, dk, dv, dg, dh0 = _bwd(q, k, v, g, h0, do, dht, ctx.scale, ctx.chunk_size)
+        with launch.on_device(q):
+            dq, dk, dv, dg, dh0 = _bwd(q, k, v, g, h0, do, dht, ctx.scale, ctx.chunk_size)
         return dq, dk, dv, dg, dh0, None, None
 
 
@@ -323,17 +317,15 @@ def chunk_gla_triton(
         >>> o, state = chunk_gla_triton(q, k, torch.randn(2, 100, 2, 48, device="cuda"), g)
     """
     check_inputs(q, k, v, g, initial_state)
-    if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"q, k, v must share one dtype among fp32, bf16, fp16; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16 for the Triton kernel, got {chunk_size}")
+    launch.check_half_or_fp32(q, k, v)
+    launch.check_chunk(chunk_size, TRITON_CHUNK_SIZES)
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if K > TRITON_MAX_KEY_DIM:
+        raise ValueError(f"the Triton GLA kernel takes key dims up to {TRITON_MAX_KEY_DIM}, got {K}")
     scale = K**-0.5 if scale is None else scale
-    pad = -T % chunk_size
-    q, k, v, g = (F.pad(x, (0, 0, 0, 0, 0, pad)).contiguous() for x in (q, k, v, g.float()))
-    h0 = (torch.zeros(B, H, K, V, dtype=torch.float32, device=q.device) if initial_state is None
-          else initial_state.float().contiguous())
+    q, k, v, g = launch.pad_time(chunk_size, q, k, v, g.float())
+    h0 = launch.initial_state(initial_state, (B, H, K, V), q.device)
     o, ht = _ChunkGLA.apply(q, k, v, g, h0, scale, chunk_size)
     return o[:, :T], ht
 
@@ -344,35 +336,21 @@ def chunk_gla_triton(
 
 
 def _aot_specs() -> list[dict]:
-    """One entry per (kernel, dtype) at HGRN2's head sizes (K = V = 128, chunk 16)."""
+    """One entry per (kernel, dtype, chunk size) at HGRN2's head sizes (K = V = 128) and MoM's (K = V = 256)."""
+    in_dtype = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
     specs = []
-    K = V = 128
-    KF, BK, BV, warps = _tiles(K, V)
-    for dtype, tt, torch_dtype in (
-        ("fp32", "*fp32", torch.float32), ("bf16", "*bf16", torch.bfloat16), ("fp16", "*fp16", torch.float16)
-    ):
-        prec = _precision(torch_dtype)
-        in_dtype = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
-        for fn, consts in (
-            (_gla_fwd_kernel, {"K": K, "V": V, "L": 16, "KF": KF, "BK": BK, "BV": BV, "RECOMPUTE": False,
-                               "PREC": prec}),
-            (_gla_fwd_kernel, {"K": K, "V": V, "L": 16, "KF": KF, "BK": BK, "BV": BV, "RECOMPUTE": True,
-                               "PREC": prec}),
-            (_gla_bwd_dstates_kernel, {"K": K, "V": V, "L": 16, "KF": KF, "BV": BV, "PREC": prec}),
-            (_gla_bwd_chunk_kernel, {"K": K, "V": V, "L": 16, "BK": BK, "BV": BV, "PREC": prec}),
-        ):
-            signature = {}
-            for name in fn.arg_names:
-                if name in consts:
-                    signature[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    signature[name] = tt if name in in_dtype else "*fp32"
-                elif name == "scale":
-                    signature[name] = "fp32"
-                else:
-                    signature[name] = "i32"
-            specs.append({"fn": fn, "name": fn.__name__, "dtype": dtype, "signature": signature,
-                          "constexprs": consts, "num_warps": warps})
+    for (K, V), L in [(shape, L) for shape in ((128, 128), (256, 256)) for L in TRITON_CHUNK_SIZES]:
+        KF, BK, BV, warps = _tiles(K, V)
+        for dtype, torch_dtype in launch.DTYPES:
+            prec = launch.dot_precision(torch_dtype)
+            shape = {"K": K, "V": V, "L": L, "PREC": prec}
+            for fn, consts in (
+                (_gla_fwd_kernel, {**shape, "KF": KF, "BK": BK, "BV": BV, "RECOMPUTE": False}),
+                (_gla_fwd_kernel, {**shape, "KF": KF, "BK": BK, "BV": BV, "RECOMPUTE": True}),
+                (_gla_bwd_dstates_kernel, {**shape, "KF": KF, "BV": BV}),
+                (_gla_bwd_chunk_kernel, {**shape, "BK": BK, "BV": BV}),
+            ):
+                specs.append(launch.aot_spec(fn, consts, dtype, in_dtype, warps))
     return specs
 
 

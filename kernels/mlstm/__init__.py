@@ -1,7 +1,7 @@
 """mLSTM (xLSTM-7B) ops: chunkwise (Triton on CUDA, PyTorch otherwise), recurrent step, parallel.
 
 `reference.py` is the readable PyTorch spec, `triton.py` the chunkwise Triton kernel (forward and
-backward), `dispatch.py` picks one per call (env MLSTM_BACKEND=auto|triton|reference).
+backward), `dispatch.py` picks one per call (kernels/backend.py).
 """
 
 from kernels.mlstm.dispatch import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent_step

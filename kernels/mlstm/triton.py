@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import triton_launch as launch
+from kernels.mlstm.dispatch import TRITON_CHUNK_SIZES
 from kernels.mlstm.reference import MLSTMState, check_inputs
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,7 +69,8 @@ def _mlstm_fw_states_kernel(
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid_k, pid_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_k, pid_v = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2).to(tl.int64)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     mask_k, mask_v = offs_k < DQK, offs_v < DV
@@ -110,7 +113,8 @@ def _mlstm_fw_h_kernel(
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid_v, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_v, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2).to(tl.int64)
     offs_v = pid_v * BV + tl.arange(0, BV)
     mask_v = offs_v < DV
     t, valid, b, i, g = _chunk_gates(i_ptr, f_ptr, bh, c, T, L)
@@ -157,7 +161,7 @@ def _mlstm_bw_prep_kernel(
     T, eps,
     DV: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
 ):
-    c, bh = tl.program_id(0), tl.program_id(1)
+    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     t = c * L + tl.arange(0, L)
     valid = t < T
     dh_h = tl.zeros([L], dtype=tl.float32)
@@ -183,7 +187,8 @@ def _mlstm_bw_dstates_kernel(
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid_k, pid_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_k, pid_v = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2).to(tl.int64)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     mask_k, mask_v = offs_k < DQK, offs_v < DV
@@ -229,7 +234,7 @@ def _mlstm_bw_dqkv_kernel(
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    c, bh = tl.program_id(0), tl.program_id(1)
+    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     t, valid, b, i, g = _chunk_gates(i_ptr, f_ptr, bh, c, T, L)
     s = bh * (NC + 1) + c
     m_c = tl.load(ms_ptr + s)
@@ -325,11 +330,6 @@ def _mlstm_bw_dqkv_kernel(
 NUM_WARPS = 4
 
 
-def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the launchers write; tests replace it with a NaN-filled allocator."""
-    return torch.empty(*shape, dtype=dtype, device=device)
-
-
 def _blocks(dqk: int, dv: int, dtype: torch.dtype, chunk_size: int = 64) -> tuple[int, int]:
     """Tile sizes for DQK and DV: up to 64 in bf16/fp16 (32 with 128-token chunks) and 32 in fp32, at
     least 16 (tl.dot's minimum). Larger tiles would not fit the dq/dk/dv kernel in shared memory on
@@ -340,23 +340,19 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype, chunk_size: int = 64) -> tupl
     return (min(max(triton.next_power_of_2(dqk), 16), cap), min(max(triton.next_power_of_2(dv), 16), cap))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _states_fw(k, v, i, f, c0, n0, m0, chunk_size):
     """States at every chunk boundary: C (BH, NC+1, DQK, DV), n (BH, NC+1, DQK), m (BH, NC+1), fp32."""
     B, NH, T, DQK = k.shape
     DV = v.shape[-1]
     NC = triton.cdiv(T, chunk_size)
     BK, BV = _blocks(DQK, DV, k.dtype, chunk_size)
-    cs = _alloc(B * NH, NC + 1, DQK, DV, dtype=torch.float32, device=k.device)
-    ns = _alloc(B * NH, NC + 1, DQK, dtype=torch.float32, device=k.device)
-    ms = _alloc(B * NH, NC + 1, dtype=torch.float32, device=k.device)
+    cs = launch.alloc(B * NH, NC + 1, DQK, DV, dtype=torch.float32, device=k.device)
+    ns = launch.alloc(B * NH, NC + 1, DQK, dtype=torch.float32, device=k.device)
+    ms = launch.alloc(B * NH, NC + 1, dtype=torch.float32, device=k.device)
     grid = (triton.cdiv(DQK, BK), triton.cdiv(DV, BV), B * NH)
     _mlstm_fw_states_kernel[grid](
         k, v, i, f, c0, n0, m0, cs, ns, ms, T, NC,
-        DQK=DQK, DV=DV, L=chunk_size, BK=BK, BV=BV, PREC=_precision(k.dtype), num_warps=NUM_WARPS,
+        DQK=DQK, DV=DV, L=chunk_size, BK=BK, BV=BV, PREC=launch.dot_precision(k.dtype), num_warps=NUM_WARPS,
     )
     return cs, ns, ms
 
@@ -368,12 +364,12 @@ def _mlstm_fw(q, k, v, i, f, c0, n0, m0, chunk_size, eps):
     NC = triton.cdiv(T, chunk_size)
     BK, BV = _blocks(DQK, DV, q.dtype, chunk_size)
     cs, ns, ms = _states_fw(k, v, i, f, c0, n0, m0, chunk_size)
-    h = _alloc(B, NH, T, DV, dtype=q.dtype, device=q.device)
-    m_row = _alloc(B * NH, T, dtype=torch.float32, device=q.device)
-    z = _alloc(B * NH, T, dtype=torch.float32, device=q.device)
+    h = launch.alloc(B, NH, T, DV, dtype=q.dtype, device=q.device)
+    m_row = launch.alloc(B * NH, T, dtype=torch.float32, device=q.device)
+    z = launch.alloc(B * NH, T, dtype=torch.float32, device=q.device)
     _mlstm_fw_h_kernel[(triton.cdiv(DV, BV), NC, B * NH)](
         q, k, v, i, f, cs, ns, ms, h, m_row, z, T, NC, DQK**-0.5, eps,
-        DQK=DQK, DV=DV, L=chunk_size, BK=BK, BV=BV, PREC=_precision(q.dtype), num_warps=NUM_WARPS,
+        DQK=DQK, DV=DV, L=chunk_size, BK=BK, BV=BV, PREC=launch.dot_precision(q.dtype), num_warps=NUM_WARPS,
     )
     final = (cs[:, NC].view(B, NH, DQK, DV), ns[:, NC].view(B, NH, DQK), ms[:, NC].view(B, NH, 1))
     return h, m_row, z, tuple(x.clone() for x in final)
@@ -385,24 +381,24 @@ def _mlstm_bw(q, k, v, i, f, c0, n0, m0, h, m_row, z, dh, dcT, dnT, chunk_size, 
     DV = v.shape[-1]
     NC = triton.cdiv(T, chunk_size)
     BK, BV = _blocks(DQK, DV, q.dtype, chunk_size)
-    prec = _precision(q.dtype)
+    prec = launch.dot_precision(q.dtype)
     cs, ns, ms = _states_fw(k, v, i, f, c0, n0, m0, chunk_size)  # recomputed, see module docstring
 
-    dz = _alloc(B * NH, T, dtype=torch.float32, device=q.device)
+    dz = launch.alloc(B * NH, T, dtype=torch.float32, device=q.device)
     _mlstm_bw_prep_kernel[(NC, B * NH)](
         dh, h, m_row, z, dz, T, eps, DV=DV, L=chunk_size, BV=BV, num_warps=NUM_WARPS,
     )
-    dcs = _alloc(B * NH, NC + 1, DQK, DV, dtype=torch.float32, device=q.device)
-    dns = _alloc(B * NH, NC + 1, DQK, dtype=torch.float32, device=q.device)
+    dcs = launch.alloc(B * NH, NC + 1, DQK, DV, dtype=torch.float32, device=q.device)
+    dns = launch.alloc(B * NH, NC + 1, DQK, dtype=torch.float32, device=q.device)
     _mlstm_bw_dstates_kernel[(triton.cdiv(DQK, BK), triton.cdiv(DV, BV), B * NH)](
         q, dh, i, f, ms, m_row, z, dz, dcT, dnT, dcs, dns, T, NC, DQK**-0.5, eps,
         DQK=DQK, DV=DV, L=chunk_size, BK=BK, BV=BV, PREC=prec, num_warps=NUM_WARPS,
     )
-    dq = _alloc(*q.shape, dtype=q.dtype, device=q.device)
-    dk = _alloc(*k.shape, dtype=k.dtype, device=q.device)
-    dv = _alloc(*v.shape, dtype=v.dtype, device=q.device)
-    di = _alloc(B * NH, T, dtype=torch.float32, device=q.device)
-    df_acc = _alloc(B * NH, T, dtype=torch.float32, device=q.device)
+    dq = launch.alloc(*q.shape, dtype=q.dtype, device=q.device)
+    dk = launch.alloc(*k.shape, dtype=k.dtype, device=q.device)
+    dv = launch.alloc(*v.shape, dtype=v.dtype, device=q.device)
+    di = launch.alloc(B * NH, T, dtype=torch.float32, device=q.device)
+    df_acc = launch.alloc(B * NH, T, dtype=torch.float32, device=q.device)
     _mlstm_bw_dqkv_kernel[(NC, B * NH)](
         q, k, v, i, f, dh, cs, ns, ms, m_row, z, dz, dcs, dns, dq, dk, dv, di, df_acc,
         T, NC, DQK**-0.5, eps,
@@ -430,7 +426,8 @@ def _mlstm_bw(q, k, v, i, f, c0, n0, m0, h, m_row, z, dh, dcT, dnT, chunk_size, 
 class _MLSTMChunkwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, i, f, c0, n0, m0, chunk_size, eps):
-        h, m_row, z, (cT, nT, mT) = _mlstm_fw(q, k, v, i, f, c0, n0, m0, chunk_size, eps)
+        with launch.on_device(q):
+            h, m_row, z, (cT, nT, mT) = _mlstm_fw(q, k, v, i, f, c0, n0, m0, chunk_size, eps)
         ctx.save_for_backward(q, k, v, i, f, c0, n0, m0, h, m_row, z)
         ctx.chunk_size, ctx.eps = chunk_size, eps
         ctx.mark_non_differentiable(mT)
@@ -442,7 +439,8 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dh = dh.to(q.dtype).contiguous()
         dcT = torch.zeros_like(c0) if dcT is None else dcT.float().contiguous()
         dnT = torch.zeros_like(n0) if dnT is None else dnT.float().contiguous()
-        grads = _mlstm_bw(q, k, v, i, f, c0, n0, m0, h, m_row, z, dh, dcT, dnT, ctx.chunk_size, ctx.eps)
+        with launch.on_device(q):
+            grads = _mlstm_bw(q, k, v, i, f, c0, n0, m0, h, m_row, z, dh, dcT, dnT, ctx.chunk_size, ctx.eps)
         return (*grads, None, None)
 
 
@@ -470,12 +468,8 @@ def mlstm_chunkwise_triton(
         >>> h, (C, n, m) = mlstm_chunkwise_triton(q, k, v, i, f, chunk_size=64)
     """
     check_inputs(q, k, v, i_preact, f_preact, initial_state)
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"q, k, v must be fp32, bf16 or fp16, got {q.dtype}")
-    if chunk_size not in (16, 32, 64, 128):
-        raise ValueError(f"chunk_size must be 16, 32, 64 or 128 for the Triton kernel, got {chunk_size}")
+    launch.check_half_or_fp32(q, k, v)
+    launch.check_chunk(chunk_size, TRITON_CHUNK_SIZES)
     if q.dtype == torch.float32:
         chunk_size = min(chunk_size, 64)  # fp32 tiles of 128 tokens overflow an A100's shared memory
     B, NH, T, DQK = q.shape
@@ -504,12 +498,11 @@ def _aot_specs() -> list[dict]:
     64 tokens in every dtype, and of 128 in bf16/fp16 (fp32 never uses 128, see the public function)."""
     in_dtype = {"q_ptr", "k_ptr", "v_ptr", "i_ptr", "f_ptr", "h_ptr", "dh_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
     specs = []
-    for dtype, torch_dtype, chunk_sizes in (
-        ("fp32", torch.float32, (64,)), ("bf16", torch.bfloat16, (64, 128)), ("fp16", torch.float16, (64, 128))
-    ):
-        for chunk_size in chunk_sizes:
+    for dtype, torch_dtype in launch.DTYPES:
+        for chunk_size in (64,) if torch_dtype == torch.float32 else (64, 128):
             bk, bv = _blocks(256, 512, torch_dtype, chunk_size)
-            sizes = {"DQK": 256, "DV": 512, "L": chunk_size, "BK": bk, "BV": bv, "PREC": _precision(torch_dtype)}
+            sizes = {"DQK": 256, "DV": 512, "L": chunk_size, "BK": bk, "BV": bv,
+                     "PREC": launch.dot_precision(torch_dtype)}
             for fn, consts in (
                 (_mlstm_fw_states_kernel, sizes),
                 (_mlstm_fw_h_kernel, sizes),
@@ -518,18 +511,7 @@ def _aot_specs() -> list[dict]:
                 (_mlstm_bw_dqkv_kernel, sizes),
             ):
                 # inputs and their gradients in the model dtype; states, gate math, scalars in fp32 / i32
-                signature = {}
-                for name in fn.arg_names:
-                    if name in consts:
-                        signature[name] = "constexpr"
-                    elif name.endswith("_ptr"):
-                        signature[name] = f"*{dtype}" if name in in_dtype else "*fp32"
-                    elif name in ("scale", "eps"):
-                        signature[name] = "fp32"
-                    else:
-                        signature[name] = "i32"
-                specs.append({"fn": fn, "name": fn.__name__, "dtype": dtype, "chunk_size": chunk_size,
-                              "signature": signature, "constexprs": dict(consts), "num_warps": NUM_WARPS})
+                specs.append(launch.aot_spec(fn, consts, dtype, in_dtype, NUM_WARPS, chunk_size=chunk_size))
     return specs
 
 

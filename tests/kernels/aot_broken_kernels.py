@@ -1,4 +1,4 @@
-"""Two kernels that must fail the ahead-of-time check: it proves the check can fail (tests/kernels/test_aot.py)."""
+"""Kernels that must fail the ahead-of-time check: it proves the check can fail (tests/kernels/test_aot.py)."""
 
 import triton
 import triton.language as tl
@@ -25,10 +25,20 @@ def shared_memory_too_large(a_ptr, b_ptr, c_ptr, K, BLOCK: tl.constexpr):
     tl.store(c_ptr + idx[:, None] * BLOCK + idx[None, :], acc)
 
 
+@triton.jit
+def int32_offsets(a_ptr, c_ptr, N, BLOCK: tl.constexpr):
+    # The offset of row pid is computed in 32 bits: past 2^31 elements it wraps (today's bug, before widening).
+    pid = tl.program_id(0)
+    idx = tl.arange(0, BLOCK)
+    tl.store(c_ptr + pid * N + idx, tl.load(a_ptr + pid * N + idx))
+
+
 _SIG = {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32"}
 AOT_KERNELS = [
     {"fn": dot_too_small, "name": "dot_too_small", "dtype": "fp32", "num_warps": 4,
      "signature": {**_SIG, "M": "constexpr"}, "constexprs": {"M": 8}},
     {"fn": shared_memory_too_large, "name": "shared_memory_too_large", "dtype": "fp32", "num_warps": 8,
      "signature": {**_SIG, "K": "i32", "BLOCK": "constexpr"}, "constexprs": {"BLOCK": 256}},
+    {"fn": int32_offsets, "name": "int32_offsets", "dtype": "fp32", "num_warps": 4,
+     "signature": {"a_ptr": "*fp32", "c_ptr": "*fp32", "N": "i32", "BLOCK": "constexpr"}, "constexprs": {"BLOCK": 32}},
 ]

@@ -39,6 +39,17 @@ def test_every_registered_kernel_compiles_and_fits_on_a100_and_h100(tmp_path):
             assert any((kernel, target, d) in compiled for d in ("bf16", "fp16", "fp32")), (kernel, target)
     # Resource numbers come from the compiler, not estimates.
     assert all(r["registers"] and r["shared_bytes"] is not None for r in report["results"])
+    # 64-bit indexing: no program id is used as a 32-bit integer (state buffers pass 2^31 elements at 7B sizes).
+    narrow = [f"{r['kernel']} {r['dtype']} {r['config']}" for r in report["results"] if r["narrow_program_ids"]]
+    assert not narrow, "kernels that index in 32 bits:\n" + "\n".join(narrow)
+    # Every chunk size the dispatchers allow is compiled.
+    from kernels.delta_rule.dispatch import TRITON_CHUNK_SIZES as DELTA_RULE_CHUNKS
+    from kernels.gla.dispatch import TRITON_CHUNK_SIZES as GLA_CHUNKS
+
+    for module, chunks in (("kernels.gla.triton", GLA_CHUNKS), ("kernels.delta_rule.triton", DELTA_RULE_CHUNKS)):
+        compiled = {int(c.removeprefix("L=")) for r in report["results"] if r["module"] == module
+                    for c in r["config"].split(",") if c.startswith("L=")}
+        assert compiled == set(chunks), module
 
 
 def test_the_check_fails_on_broken_kernels_naming_them(tmp_path):
@@ -51,3 +62,5 @@ def test_the_check_fails_on_broken_kernels_naming_them(tmp_path):
         large = by_kernel[("shared_memory_too_large", target)]
         assert large["ok"] and not large["fits"] and large["shared_bytes"] > large["shared_limit"]
     assert "dot_too_small" in output and "FAIL" in output
+    for target in ("sm_80", "sm_90"):
+        assert by_kernel[("int32_offsets", target)]["narrow_program_ids"] == 1

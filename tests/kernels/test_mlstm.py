@@ -10,12 +10,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import logging  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.mlstm import dispatch, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent_step, reference  # noqa: E402
+from kernels.mlstm import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent_step, reference  # noqa: E402
 
 xlstm_hf = pytest.importorskip("transformers.models.xlstm.modeling_xlstm", reason="transformers xLSTM needed")
 
@@ -68,7 +67,7 @@ FORM_CASES = [(1, 16), (63, 16), (64, 16), (37, 64), (50, 7)]
 
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "reference")
+    monkeypatch.setenv("HP_KERNELS", "reference")
 
 
 @pytest.mark.parametrize("T,chunk", FORM_CASES, ids=[f"T{t}-L{c}" for t, c in FORM_CASES])
@@ -208,17 +207,6 @@ needs_triton_device = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def nan_buffers(monkeypatch):
-    """Every buffer the Triton launchers allocate starts as NaN, so reads of unwritten memory show."""
-    from kernels.mlstm import triton as mlstm_triton
-
-    def nan_alloc(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(mlstm_triton, "_alloc", nan_alloc)
-
-
 TRITON_CASES = [  # (B, NH, T, DQK, DV, chunk)
     (2, 3, 63, 24, 40, 16),
     (2, 3, 1, 24, 40, 16),
@@ -239,7 +227,7 @@ def test_triton_forward_backward_match_reference(nan_buffers, monkeypatch, B, NH
     h_ref, s_ref = reference.mlstm_chunkwise(*leaves[:5], initial_state=tuple(leaves[5:]), chunk_size=chunk)
     g_ref = torch.autograd.grad((h_ref * dh).sum(), leaves)
 
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    monkeypatch.setenv("HP_KERNELS", "mlstm=fast")
     h, s = mlstm_chunkwise(*leaves[:5], initial_state=tuple(leaves[5:]), chunk_size=chunk)
     assert h.shape == h_ref.shape and h.dtype == torch.float32
     assert rel_rmse(h, h_ref) < 5e-3
@@ -267,7 +255,7 @@ def test_triton_gradients_flow_through_final_state(nan_buffers, monkeypatch):
         return h, torch.autograd.grad((h * dh).sum(), leaves)
 
     h_ref, g_ref = chained(reference.mlstm_chunkwise)
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    monkeypatch.setenv("HP_KERNELS", "mlstm=fast")
     h, g = chained(mlstm_chunkwise)
     assert rel_rmse(h, h_ref) < 5e-3
     for name, a, b in zip(["dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0"], g, g_ref):
@@ -287,7 +275,7 @@ def test_triton_half_precision_on_gpu(monkeypatch, dtype, chunk):
     h_ref, _ = reference.mlstm_chunkwise(*leaves, initial_state=state, chunk_size=chunk)
     g_ref = torch.autograd.grad((h_ref * dh).sum(), leaves)
     half = [x.clone().requires_grad_() for x in rounded] + leaves[3:]
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    monkeypatch.setenv("HP_KERNELS", "mlstm=fast")
     h, _ = mlstm_chunkwise(*half, initial_state=state, chunk_size=chunk)
     assert h.dtype == dtype and rel_rmse(h, h_ref) < 1e-2
     g = torch.autograd.grad((h.float() * dh).sum(), half)
@@ -298,32 +286,6 @@ def test_triton_half_precision_on_gpu(monkeypatch, dtype, chunk):
 # ---------------------------------------------------------------------------------------------------
 # Dispatcher and AOT specs
 # ---------------------------------------------------------------------------------------------------
-
-
-def test_dispatcher_picks_reference_on_cpu_and_logs_once(monkeypatch, caplog):
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "auto")
-    monkeypatch.setattr(dispatch, "_logged", set())
-    (q, k, v, i, f), _ = make_inputs(1, 2, 8, 16, 16)
-    with caplog.at_level(logging.INFO, logger=dispatch.logger.name):
-        mlstm_chunkwise(q, k, v, i, f)
-        mlstm_chunkwise(q, k, v, i, f)
-    assert dispatch.choose_backend(q) == "reference"
-    messages = [r.getMessage() for r in caplog.records if "backend" in r.getMessage()]
-    assert len(messages) == 1 and "reference" in messages[0]
-
-
-def test_dispatcher_triton_request_that_cannot_run_is_a_clear_error(monkeypatch):
-    q = torch.zeros(1, 1, 4, 16)
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="MLSTM_BACKEND=reference"):
-        dispatch.choose_backend(q)
-    monkeypatch.setattr(dispatch, "_triton_importable", lambda: False)
-    with pytest.raises(RuntimeError, match="pip install triton"):
-        dispatch.choose_backend(q)
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "cuda-please")
-    with pytest.raises(ValueError, match="MLSTM_BACKEND"):
-        dispatch.choose_backend(q)
 
 
 def test_aot_kernel_specs_cover_every_kernel_argument():

@@ -4,7 +4,6 @@ and the dispatch (clear error for a CUDA path that cannot run, one log line per 
 """
 
 import contextlib
-import logging
 import sys
 import types
 
@@ -14,8 +13,10 @@ import torch.nn.functional as F
 
 from kernels import backend
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from kernels.causal_conv1d.dispatch import conv_with
 from kernels.causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
 from kernels.selective_scan import selective_scan, selective_state_update
+from kernels.selective_scan.dispatch import scan_with
 from kernels.selective_scan.reference import selective_scan as selective_scan_cpu
 from kernels.selective_scan.reference import selective_scan_ref
 from kernels.ssd import ssd, ssd_step
@@ -251,10 +252,10 @@ def test_ssd_cuda_call_through_mamba_ssm_triton_kernels(mamba_ssm):
     )
     y_ref, state_ref = ssd_sequential_ref(**p, dt_softplus=True)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(state, state_ref) < 1e-5
-    first = [p[k][:, 0] for k in ("x", "dt")] + [p["A"]] + [p[k][:, 0] for k in ("B", "C")]
-    step_args = (state_ref, *first, p["D"], p["dt_bias"], True)
-    y_t, state_t = ssd_step_with(triton_step, *step_args)
-    y_t_ref, state_t_ref = ssd_step_ref(*step_args)
+    x_t, dt_t, B_t, C_t = (p[k][:, 0] for k in ("x", "dt", "B", "C"))
+    dt_t = process_dt(dt_t, p["dt_bias"], True, None)
+    y_t, state_t = ssd_step_with(triton_step, state_ref, x_t, dt_t, p["A"], B_t, C_t, p["D"])
+    y_t_ref, state_t_ref = ssd_step_ref(state_ref, x_t, dt_t, p["A"], B_t, C_t, p["D"])
     assert rel_err(y_t, y_t_ref) < 1e-5 and rel_err(state_t, state_t_ref) < 1e-5
 
 
@@ -271,47 +272,158 @@ def test_causal_conv_matches_causal_conv1d_reference(mamba_ssm):
     assert rel_err(y_t, y_t_ref) < 1e-6 and torch.equal(state_t, conv_state)
 
 
-# ---- dispatch ---------------------------------------------------------------------------------------------
+# ---- dispatch (kernels/backend.py) and the fast-path calls, through stand-ins for the CUDA packages ------
 
 def op_calls():
-    """Each dispatched op with small CPU inputs: name -> fn(backend)."""
+    """Each dispatched op with small CPU inputs: name -> call."""
     s, d = scan_inputs(dtype=torch.float32), ssd_inputs(length=9)
     x, w, state = torch.randn(2, 5, 9), torch.randn(5, 4), torch.zeros(2, 5, 3)
     one = lambda t: t[..., 0]
     return {
-        "selective_scan": lambda be: selective_scan(**s, delta_softplus=True, backend=be),
-        "selective_state_update": lambda be: selective_state_update(
-            s["initial_state"], one(s["u"]), one(s["delta"]), s["A"], one(s["B"]), one(s["C"]), backend=be),
-        "ssd": lambda be: ssd(**d, chunk_size=4, backend=be),
-        "ssd_step": lambda be: ssd_step(
-            d["initial_state"], d["x"][:, 0], d["dt"][:, 0], d["A"], d["B"][:, 0], d["C"][:, 0], backend=be),
-        "causal_conv1d": lambda be: causal_conv1d(x, w, backend=be),
-        "causal_conv1d_update": lambda be: causal_conv1d_update(x[..., 0], state, w, backend=be),
+        "selective_scan": lambda: selective_scan(**s, delta_softplus=True),
+        "selective_state_update": lambda: selective_state_update(
+            s["initial_state"], one(s["u"]), one(s["delta"]), s["A"], one(s["B"]), one(s["C"])),
+        "ssd": lambda: ssd(**d, chunk_size=4),
+        "ssd_step": lambda: ssd_step(
+            d["initial_state"], d["x"][:, 0], d["dt"][:, 0], d["A"], d["B"][:, 0], d["C"][:, 0]),
+        "causal_conv1d": lambda: causal_conv1d(x, w),
+        "causal_conv1d_update": lambda: causal_conv1d_update(x[..., 0], state, w),
     }
 
 
 @pytest.mark.parametrize("op", list(op_calls()))
-@pytest.mark.parametrize("how", ["argument", "environment"])
-def test_requesting_cuda_without_it_names_the_fix(op, how, monkeypatch):
+@pytest.mark.parametrize("how", ["config", "environment"])
+def test_asking_for_the_fast_path_without_it_names_the_fix(op, how, monkeypatch):
     call = op_calls()[op]
     if how == "environment":
-        monkeypatch.setenv(backend.BACKEND_ENV, "cuda")
-    with pytest.raises(RuntimeError, match=r"pip install \.\[cuda\]") as err:
-        call("cuda" if how == "argument" else None)
-    assert op in str(err.value) and "reference" in str(err.value)
+        monkeypatch.setenv(backend.ENV, f"{op}=fast")
+    with backend.using(overrides={op: "fast"} if how == "config" else None):
+        with pytest.raises(backend.KernelFallbackError, match=r"pip install \.\[cuda\]") as err:
+            call()
+    assert op in str(err.value) and f"{op}=reference" in str(err.value)
 
 
-def test_unknown_backend_is_rejected():
-    with pytest.raises(ValueError, match="not one of auto, cuda, reference"):
-        op_calls()["ssd"]("triton")
-
-
-@pytest.mark.parametrize("requested", [None, "auto", "reference"])
-def test_cpu_tensors_take_the_reference_and_log_it_once(requested, monkeypatch, caplog):
-    monkeypatch.setattr(backend, "_logged", set())
-    caplog.set_level(logging.INFO, logger="kernels.backend")
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+def test_cpu_tensors_take_the_reference(mode, monkeypatch):
+    monkeypatch.setenv(backend.ENV, mode)
+    backend.reset_for_tests()
     for op, call in op_calls().items():
-        call(requested)
-        call(requested)
-        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(op + " ")]
-        assert lines == [f"{op} uses the PyTorch reference"], lines
+        call()
+        assert backend.plan(op, "cpu").path == "reference"
+    assert backend.ops_seen() == set(op_calls())
+
+
+def mamba_scan_stand_in(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        return_last_state=False):
+    """mamba-ssm's selective_scan_fn contract on the CPU: always from a zero state (it takes none)."""
+    out, last = selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last) if return_last_state else out
+
+
+def test_selective_scan_with_an_initial_state_takes_the_fast_path():
+    """Formerly a quiet fallback: the CUDA scan starts from zeros, the initial state's part is added."""
+    p = leaves(*scan_inputs(dtype=torch.float64).values())
+    kw = dict(zip(scan_inputs().keys(), p))
+    ref, ref_state = selective_scan_ref(**kw, delta_softplus=True)
+    out, state = scan_with(mamba_scan_stand_in, *(kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z",
+                                                                  "delta_bias")), True, kw["initial_state"])
+    # Both compute in fp32 (the reference does for any input): measured 1.3e-7.
+    assert rel_err(out, ref) < 1e-6 and rel_err(state, ref_state) < 1e-6
+    for a, b in zip(grads([out, state], p), grads([ref, ref_state], p)):
+        assert rel_err(a, b) < 1e-6
+
+
+def mamba_state_update_stand_in(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """mamba-ssm's Triton selective_state_update contract (its selective_state_update_ref, multi-head form):
+    per-channel dt, A, D, dt_bias; the state updated in place; no dt clamp."""
+    dt = dt + dt_bias
+    dt = F.softplus(dt) if dt_softplus else dt
+    heads_per_group = x.shape[1] // B.shape[1]
+    B, C = (t.repeat_interleave(heads_per_group, dim=1) for t in (B, C))  # (B, H, N)
+    state.copy_(state * torch.exp(dt[..., None] * A) + (dt * x)[..., None] * B[:, :, None])
+    return (state * C[:, :, None]).sum(-1) + (0 if D is None else D * x)
+
+
+def test_ssd_step_with_a_dt_clamp_takes_the_fast_path():
+    """Formerly a quiet fallback: the Triton step has no dt clamp, so it gets dt already processed."""
+    p = ssd_inputs(length=1, dtype=torch.float64)
+    limit = (0.05, 0.5)
+    args = [p["initial_state"], p["x"][:, 0], p["dt"][:, 0], p["A"], p["B"][:, 0], p["C"][:, 0], p["D"]]
+    y_ref, state_ref = ssd_step_ref(*args, p["dt_bias"], True, limit)
+    dt = process_dt(p["dt"][:, 0], p["dt_bias"], True, limit)
+    assert (dt == limit[0]).any() or (dt == limit[1]).any()  # the clamp is exercised
+    state_in = args[0].clone()
+    y, state = ssd_step_with(mamba_state_update_stand_in, args[0], args[1], dt, *args[3:])
+    assert rel_err(y, y_ref) < 1e-6 and rel_err(state, state_ref) < 1e-6  # fp32 in the reference
+    assert torch.equal(args[0], state_in)  # the caller's state is untouched
+
+
+def mamba_chunk_scan_stand_in(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                              seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
+                              return_final_states=False, return_varlen_states=False):
+    """mamba-ssm 2.3.2's mamba_chunk_scan_combined contract: its final state comes back in C's dtype."""
+    limit = None if dt_limit == (0.0, float("inf")) else dt_limit
+    y, state = ssd_chunked(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, limit, initial_states)
+    return y, state.to(C.dtype)
+
+
+def test_mamba2_final_state_is_fp32_on_the_fast_path():
+    p = ssd_inputs(length=40, dtype=torch.float32)
+    half = {k: p[k].to(torch.bfloat16) for k in ("x", "B", "C")}
+    args = [half["x"], p["dt"], p["A"], half["B"], half["C"], 16, p["D"], p["dt_bias"], True, (0.01, 2.0),
+            p["initial_state"]]
+    _, state = ssd_with(mamba_chunk_scan_stand_in, *args)
+    _, state_ref = ssd_chunked(*[a.float() if torch.is_tensor(a) else a for a in args])
+    # Summed directly vs by chunks, both fp32: 1e-6; a bf16-rounded state is 1.6e-3 off.
+    assert state.dtype == torch.float32 and rel_err(state, state_ref) < 1e-5
+
+    calls = []
+
+    def newer(*a, state_dtype=None, **kw):  # a release that takes state_dtype gets asked for fp32
+        calls.append(state_dtype)
+        return mamba_chunk_scan_stand_in(*a, **kw)
+
+    ssd_with(newer, *args)
+    assert calls == [torch.float32]
+
+
+def causal_conv1d_stand_in(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                           final_states_out=None, activation=None):
+    """causal-conv1d's causal_conv1d_fn with the layout checks of its CUDA code (csrc/causal_conv1d.cpp)."""
+    channel_last = x.stride(1) == 1 and x.stride(2) > 1
+    assert x.stride(2) == 1 or x.stride(1) == 1
+    assert 2 <= weight.shape[1] <= 4, "causal_conv1d only supports width between 2 and 4"
+    if channel_last:
+        assert x.shape[1] % 8 == 0, "causal_conv1d only supports channel dimension divisible by 8 for now"
+        assert x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0, "channel last layout requires strides multiples of 8"
+    if initial_states is not None or return_final_states:
+        assert channel_last, "initial_states / final_states are only supported for channel last layout"
+    if initial_states is not None:
+        assert initial_states.dtype == x.dtype and initial_states.stride(1) == 1
+    y, state = causal_conv1d_ref(x, weight, bias, initial_states, activation)
+    return (y, state) if return_final_states else y
+
+
+@pytest.mark.parametrize("channels,width,inner", [(2176, 4, 4126), (60, 3, 120), (16, 2, 16)],
+                         ids=["mamba2-30-heads", "channels-not-x8", "contiguous"])
+def test_causal_conv_fast_call_meets_the_packages_layout_rules(channels, width, inner):
+    """The conv input is re-laid-out as needed: xBC of a Mamba-2 with 30 heads (d_model 960) is a slice of
+    in_proj's output whose row stride (4126) is not a multiple of 8; other widths are padded to 8 channels."""
+    torch.manual_seed(0)
+    proj = torch.randn(2, 9, inner)  # (B, T, in_proj width): the conv reads channels [0, channels)
+    x = proj[..., :channels].transpose(1, 2)  # (B, C, T), channel-last view
+    w, b, s0 = torch.randn(channels, width), torch.randn(channels), torch.randn(2, channels, width - 1)
+    y, state = conv_with(causal_conv1d_stand_in, x, w, b, s0, "silu")
+    y_ref, state_ref = causal_conv1d_ref(x, w, b, s0, activation="silu")
+    assert y.shape == y_ref.shape and rel_err(y, y_ref) < 1e-6 and torch.equal(state, state_ref)
+
+
+def test_a_mamba2_with_30_heads_validates():
+    from models import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, d_model=960, n_layers=1, n_heads=30, mixer="mamba2")
+    with torch.device("meta"):
+        from models import CausalLM
+
+        mixer = CausalLM(cfg).blocks[0].mixer
+    assert mixer.n_heads == 30 and mixer.in_proj.out_features % 8  # the stride the conv must not trip on
