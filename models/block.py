@@ -18,6 +18,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if hidden else None
         self.ffn = SwiGLU(cfg.d_model, hidden) if hidden else None
 
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.mixer.flops_per_token(seq_len) + (self.ffn.flops_per_token() if self.ffn is not None else 0)
+
     def forward(self, x: torch.Tensor, state=None, doc_ids: torch.Tensor | None = None):
         # doc_ids (B, T): packed documents; the mixer keeps them apart (models/lm.py DOC_BOUNDARY_MIXERS).
         extra = {} if doc_ids is None else {"doc_ids": doc_ids}

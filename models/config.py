@@ -8,6 +8,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kernels.attention.dispatch import FLASH_MAX_HEAD_DIM
+from kernels.causal_conv1d.dispatch import WIDTHS as CONV_WIDTHS
+from kernels.delta_rule.dispatch import TRITON_CHUNK_SIZES as DELTA_RULE_CHUNKS
+from kernels.delta_rule.dispatch import TRITON_MAX_KEY_DIM as DELTA_RULE_MAX_KEY
+from kernels.gla.dispatch import TRITON_CHUNK_SIZES as GLA_CHUNKS
+from kernels.gla.dispatch import TRITON_MAX_KEY_DIM as GLA_MAX_KEY
+from kernels.mlstm.dispatch import TRITON_CHUNK_SIZES as MLSTM_CHUNKS
+from kernels.selective_scan.dispatch import MAX_D_STATE as SCAN_MAX_D_STATE
+
 # One letter per mixer family, as in Megatron's hybrid layer pattern. Families land one by one;
 # a letter appears here when its mixer exists in models/mixers/.
 PATTERN_LETTERS = {
@@ -30,6 +39,21 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# What the GPU fast paths take, checked here so that a config that validates runs on both devices.
+def gpu_choice(key: str, value, allowed, path: str):
+    """A value the fast path takes, or a ValueError naming the key, the allowed values and the path."""
+    if value is not None and value not in allowed:
+        raise ValueError(f"{key}={value}: {path} (the GPU path) takes {', '.join(map(str, allowed))}; choose one "
+                         "of those (the CPU path would accept it, a GPU run would not)")
+    return value
+
+
+def gpu_at_most(key: str, value: int, limit: int, path: str) -> int:
+    if value > limit:
+        raise ValueError(f"{key}={value}: {path} (the GPU path) takes at most {limit}; lower {key}")
+    return value
+
+
 class AttentionConfig(Section):
     """Causal softmax attention (Llama style): RoPE, grouped-query heads, KV-cache decoding."""
 
@@ -43,12 +67,18 @@ class MLSTMConfig(Section):
     qk_dim_factor: float = Field(0.5, gt=0, description="Query/key width as a multiple of d_model.")
     v_dim_factor: float = Field(1.0, gt=0, description="Value (and output gate) width as a multiple of d_model.")
     gate_soft_cap: float = Field(15.0, gt=0, description="cap * tanh(x / cap) on the gate pre-activations.")
-    chunk_size: int = Field(64, gt=0, description="Tokens per chunk of the chunkwise kernel (speed only).")
+    chunk_size: int = Field(64, gt=0, description="Tokens per chunk of the chunkwise kernel (speed only): "
+                            "16, 32, 64 or 128, what the Triton kernel takes.")
     eps: float = Field(1e-6, gt=0, description="Added to the mLSTM normaliser |q.n| before dividing.")
     igate_bias_init: float = Field(-10.0, description="Input-gate bias at init: small writes early on.")
     fgate_bias_init: tuple[float, float] = Field(
         (3.0, 6.0), description="Forget-gate biases at init, spaced linearly over heads from first to last."
     )
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _kernel_chunk(cls, v: int) -> int:
+        return gpu_choice("mlstm.chunk_size", v, MLSTM_CHUNKS, "the Triton mLSTM kernel")
 
 
 class MambaConfig(Section):
@@ -57,8 +87,8 @@ class MambaConfig(Section):
     Reads no `model.n_heads` (Mamba-1 has no heads; the shipped configs set it to 1).
     """
 
-    d_state: int = Field(16, gt=0, description="SSM state size N per inner channel.")
-    d_conv: int = Field(4, gt=1, description="Width of the depthwise causal convolution.")
+    d_state: int = Field(16, gt=0, description="SSM state size N per inner channel (mamba-ssm: at most 256).")
+    d_conv: int = Field(4, gt=1, description="Width of the depthwise causal convolution (causal-conv1d: 2 to 4).")
     expand: int = Field(2, gt=0, description="Inner width d_inner = expand * d_model.")
     dt_rank: int | None = Field(None, gt=0, description="Rank of the dt projection; None: ceil(d_model/16).")
     dt_min: float = Field(0.001, gt=0, description="Smallest dt at init (log-uniform in [dt_min, dt_max]).")
@@ -72,6 +102,8 @@ class MambaConfig(Section):
     def _dt_range(self):
         if self.dt_min > self.dt_max:
             raise ValueError(f"dt_min={self.dt_min} exceeds dt_max={self.dt_max}")
+        gpu_choice("mamba.d_conv", self.d_conv, CONV_WIDTHS, "causal-conv1d")
+        gpu_at_most("mamba.d_state", self.d_state, SCAN_MAX_D_STATE, "mamba-ssm's selective scan")
         return self
 
 
@@ -83,7 +115,8 @@ class Mamba2Config(Section):
     """
 
     d_state: int = Field(128, gt=0, description="SSM state size N per head channel.")
-    d_conv: int = Field(4, gt=1, description="Width of the depthwise causal convolution over x, B and C.")
+    d_conv: int = Field(4, gt=1, description="Width of the depthwise causal convolution over x, B and C "
+                        "(causal-conv1d: 2 to 4).")
     expand: int = Field(2, gt=0, description="Inner width d_inner = expand * d_model.")
     headdim: int = Field(64, gt=0, description="Channels per SSD head P; heads = d_inner / headdim.")
     n_groups: int = Field(1, gt=0, description="Groups sharing B and C (like GQA's key/value groups).")
@@ -106,6 +139,7 @@ class Mamba2Config(Section):
             raise ValueError(f"dt_min={self.dt_min} exceeds dt_max={self.dt_max}")
         if not 0 < self.A_init_range[0] <= self.A_init_range[1]:
             raise ValueError(f"A_init_range={self.A_init_range} must be (lo, hi) with 0 < lo <= hi")
+        gpu_choice("mamba2.d_conv", self.d_conv, CONV_WIDTHS, "causal-conv1d")
         return self
 
 
@@ -113,14 +147,22 @@ class HGRN2Config(Section):
     """HGRN2 (Qin et al., 2024; flash-linear-attention's HGRN2Attention): gated linear recurrence whose
     state is expanded by an outer product; heads = d_model / expand_ratio, so set model.n_heads to that."""
 
-    expand_ratio: int = Field(128, gt=0, description="Forget/query width per head (state rows); fla: 128.")
+    expand_ratio: int = Field(128, gt=0, description="Forget/query width per head (state rows); fla: 128; the "
+                              "Triton kernel takes at most 256.")
     use_lower_bound: bool = Field(
         True, description="Forget gates >= a learned bound that rises with depth (0 in the first HGRN2 layer)."
     )
     output_norm_eps: float = Field(
         1e-5, gt=0, description="Epsilon of the output RMSNorm (fla's fused rms_norm_linear default)."
     )
-    chunk_size: int | None = Field(None, gt=0, description="Chunk of the GLA kernel; None = backend default.")
+    chunk_size: int | None = Field(None, gt=0, description="Chunk of the GLA kernel (16, 32 or 64); None = "
+                                   "each path's default.")
+
+    @model_validator(mode="after")
+    def _kernel_limits(self) -> "HGRN2Config":
+        gpu_choice("hgrn2.chunk_size", self.chunk_size, GLA_CHUNKS, "the Triton GLA kernel")
+        gpu_at_most("hgrn2.expand_ratio", self.expand_ratio, GLA_MAX_KEY, "the Triton GLA kernel")
+        return self
 
 
 class MoMConfig(Section):
@@ -140,7 +182,8 @@ class MoMConfig(Section):
     expand_v: float = Field(1.0, gt=0, description="Value width per head as a multiple of head_dim.")
     conv_size: int = Field(4, gt=1, description="Width of the short causal convolutions on q, k, v.")
     use_output_gate: bool = Field(True, description="Gate the normalised output with silu(g_proj(x)).")
-    chunk_size: int | None = Field(None, gt=0, description="Chunk of the memory kernel; None = backend default.")
+    chunk_size: int | None = Field(None, gt=0, description="Chunk of the memory kernel (16, 32 or 64); None = "
+                                   "each path's default.")
 
     @field_validator("backend")
     @classmethod
@@ -155,6 +198,11 @@ class MoMConfig(Section):
             raise ValueError(f"mom.top_k={self.top_k} exceeds mom.num_memories={self.num_memories}")
         if self.head_dim * self.expand_v != int(self.head_dim * self.expand_v):
             raise ValueError(f"mom.head_dim * mom.expand_v = {self.head_dim * self.expand_v} is not an integer")
+        kernel = "the Triton gated delta rule kernel" if self.backend == "gated_delta_rule" else "the Triton GLA kernel"
+        gpu_choice("mom.chunk_size", self.chunk_size, DELTA_RULE_CHUNKS if self.backend == "gated_delta_rule"
+                   else GLA_CHUNKS, kernel)
+        gpu_at_most("mom.head_dim", self.head_dim, DELTA_RULE_MAX_KEY if self.backend == "gated_delta_rule"
+                    else GLA_MAX_KEY, kernel)
         return self
 
 
@@ -265,6 +313,10 @@ class ModelConfig(Section):
                 f"HGRN2 has d_model / hgrn2.expand_ratio heads: set model.n_heads={self.d_model // self.hgrn2.expand_ratio}"
                 f" (or hgrn2.expand_ratio={self.d_model // self.n_heads}) for d_model={self.d_model}"
             )
+        attends = {"attention", "sliding_window", "bst", "scout"} & set(self.layer_mixers())
+        if attends:
+            gpu_at_most(f"model.d_model / model.n_heads (the head size of the {sorted(attends)} layers)",
+                        self.head_dim, FLASH_MAX_HEAD_DIM, "flash-attn")
         kv = self.attention.n_kv_heads
         if kv is not None and self.n_heads % kv:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by attention.n_kv_heads={kv}")

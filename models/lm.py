@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.block import Block
 from models.config import ModelConfig
+from models.flops import TRAINING_FACTOR, linear
 from models.norms import RMSNorm
 
 # Mixers that keep packed documents apart given doc_ids: attention masks across documents, the mLSTM
@@ -107,6 +108,21 @@ class CausalLM(nn.Module):
         if loss is not None and aux_loss is not None:
             loss = loss + aux_loss
         return LMOutput(logits, new_state if (return_state or state is not None) else None, loss, aux_loss)
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+        """Model FLOPs per token at sequence length `seq_len` (models/flops.py): every block and the LM head,
+        times 3 for a training step (forward and backward)."""
+        forward = sum(block.flops_per_token(seq_len) for block in self.blocks)
+        forward += linear(self.cfg.d_model, self.cfg.vocab_size)
+        return forward * (TRAINING_FACTOR if training else 1)
+
+    def kernel_ops(self) -> dict[str, list[int]]:
+        """Each kernels/ op the model calls (training and decoding) -> the layers that call it."""
+        ops: dict[str, list[int]] = {}
+        for i, block in enumerate(self.blocks):
+            for op in block.mixer.kernel_ops:
+                ops.setdefault(op, []).append(i)
+        return ops
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> list:
         return [block.mixer.init_state(batch_size, device, dtype) for block in self.blocks]

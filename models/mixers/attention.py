@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.attention import causal_attention
-from kernels.attention.reference import document_causal_attention_ref
+from kernels.attention import causal_attention, document_attention
 from models.config import ModelConfig
+from models.flops import linear
 
 
 @dataclass
@@ -35,6 +35,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class AttentionMixer(nn.Module):
+    kernel_ops = ("attention",)  # the kernels/ ops this mixer calls (train/kernel_report.py)
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -52,6 +54,17 @@ class AttentionMixer(nn.Module):
 
     def sp_head_counts(self) -> dict[str, int]:
         return {"model.n_heads": self.n_heads, "attention.n_kv_heads": self.n_kv_heads}
+
+    def projection_flops(self) -> int:
+        d, q_dim, kv_dim = self.q_proj.in_features, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return linear(d, q_dim) + 2 * linear(d, kv_dim) + linear(q_dim, d)
+
+    def attention_flops(self, keys: int) -> int:
+        """q.k and p.v of one query against `keys` keys, every head (models/flops.py)."""
+        return 4 * keys * self.n_heads * self.head_dim
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return self.projection_flops() + self.attention_flops(seq_len)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (B, T, D) -> q (B, T, H, hd), k and v (B, T, H_kv, hd)."""
@@ -99,7 +112,7 @@ class AttentionMixer(nn.Module):
             v = torch.cat([state.v.to(v.dtype), v], dim=2)
         if doc_ids is not None:  # packed documents: causal and same document (RoPE is relative, so a
             # document reads as if it started at position 0)
-            y = document_causal_attention_ref(q, k, v, doc_ids).transpose(1, 2)
+            y = document_attention(q, k, v, doc_ids).transpose(1, 2)
             return self.output(y, x), KVCache(k, v)
         return self.output(self._attend(q, k, v, offset), x), KVCache(k, v)
 

@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import attention
 from models.config import ModelConfig
+from models.flops import linear
 from models.mixers.attention import AttentionMixer, KVCache
 from models.mixers.mamba import exclude_from_weight_decay
 
@@ -129,6 +130,8 @@ class BSTState:
 
 
 class BSTMixer(nn.Module):
+    kernel_ops = ("attention",)  # its SSM is an FFT convolution in PyTorch, not a kernels/ op
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         c = cfg.bst
@@ -146,6 +149,14 @@ class BSTMixer(nn.Module):
 
     def init_weights(self) -> None:
         self.ssm.init_weights()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The block transformer (each token reads its block's context states and its block; blocks are padded
+        to W) and the context states' projections, once per block. The SSM is an FFT convolution: uncounted."""
+        d, kv_dim, w = self.d_model, self.attn.n_kv_heads * self.attn.head_dim, self.block_size
+        context = self.n_context * 2 * linear(d, kv_dim)  # keys and values of the S states
+        context += linear(d, self.n_context * d) if self.variant == "multi_head" else 0
+        return self.attn.projection_flops() + self.attn.attention_flops(self.n_context + w) + context / w
 
     def _context_kv(self, src: torch.Tensor, kv_heads: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """Context keys/values (N, h_kv, S, hd) of the KV heads `kv_heads` from SSM outputs of the preceding

@@ -26,11 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.gla import chunk_gla, gla_step
+from kernels.gla.dispatch import TRITON_CHUNK
 from kernels.gla.reference import zero_state
 from models.config import ModelConfig
+from models.flops import chunk_width, linear
 
 
 class HGRN2Mixer(nn.Module):
+    kernel_ops = ("gla", "gla_step")
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         hc = cfg.hgrn2
@@ -66,6 +70,13 @@ class HGRN2Mixer(nn.Module):
             return None
         shares = torch.stack([m.lower_bound for m in self._peers]).softmax(0, dtype=torch.float32)
         return shares[1 : depth + 1].sum(0)  # = cumsum(shares)[depth] - shares[0]
+
+    def flops_per_token(self, seq_len: int) -> int:
+        d = self.i_proj.in_features
+        chunk = chunk_width(self.chunk_size or TRITON_CHUNK, seq_len)
+        # Per head: p.v inside the chunk, q S and k^T v (the pairwise q.k with decays is elementwise, uncounted).
+        gla = self.n_heads * (2 * chunk * self.head_i_dim + 4 * self.head_f_dim * self.head_i_dim)
+        return 2 * linear(d, self.forget_dim) + 2 * linear(d, d) + gla
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
         return zero_state(batch_size, self.n_heads, self.head_f_dim, self.head_i_dim, device)

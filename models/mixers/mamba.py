@@ -24,6 +24,7 @@ from torch import nn
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from kernels.selective_scan import selective_scan, selective_state_update
 from models.config import ModelConfig
+from models.flops import linear
 
 
 @dataclass
@@ -92,6 +93,8 @@ def exclude_from_weight_decay(module: nn.Module, names: tuple[str, ...]) -> None
 
 
 class MambaMixer(nn.Module):
+    kernel_ops = ("causal_conv1d", "selective_scan", "causal_conv1d_update", "selective_state_update")
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         m = self.cfg = cfg.mamba
@@ -125,6 +128,11 @@ class MambaMixer(nn.Module):
     @property
     def A(self) -> torch.Tensor:
         return -torch.exp(self.A_log.float())  # (d_inner, d_state)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        m, di = self.cfg, self.d_inner
+        return (linear(self.in_proj.in_features, 2 * di) + 2 * di * m.d_conv + linear(di, self.dt_rank + 2 * m.d_state)
+                + linear(self.dt_rank, di) + 2 * di * m.d_state + linear(di, self.out_proj.out_features))  # y = <h, C>
 
     def _scan_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """u (..., d_inner) -> dt (..., d_inner), B, C (..., d_state), dt's fp32 bias (d_inner,)."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from kernels.ssd import ssd, ssd_step
 from models.config import ModelConfig
+from models.flops import chunk_width, linear
 from models.mixers.mamba import ShortConv, SSMState, exclude_from_weight_decay, softplus_inverse_dt
 
 
@@ -34,6 +35,8 @@ class GatedRMSNorm(nn.Module):
 
 
 class Mamba2Mixer(nn.Module):
+    kernel_ops = ("causal_conv1d", "ssd", "causal_conv1d_update", "ssd_step")
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         m = self.cfg = cfg.mamba2
@@ -74,6 +77,15 @@ class Mamba2Mixer(nn.Module):
     @property
     def A(self) -> torch.Tensor:
         return -torch.exp(self.A_log.float())  # (heads,)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        m, di = self.cfg, self.d_inner
+        chunk = chunk_width(m.chunk_size, seq_len)
+        # SSD: C B^T per group inside the chunk, then per head its product with x, x^T B into the chunk state and
+        # C times the state entering the chunk.
+        ssd = m.n_groups * 2 * chunk * m.d_state + self.n_heads * (2 * chunk * m.headdim + 4 * m.headdim * m.d_state)
+        return (linear(self.in_proj.in_features, self.in_proj.out_features) + 2 * self.conv1d.in_channels * m.d_conv
+                + ssd + linear(di, self.out_proj.out_features))
 
     def _scan_args(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """xbc (..., conv_dim) -> x (..., heads, headdim), B, C (..., n_groups, d_state)."""

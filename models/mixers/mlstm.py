@@ -15,6 +15,7 @@ from torch import nn
 
 from kernels.mlstm import MLSTMState, mlstm_chunkwise, mlstm_recurrent_step, zero_state
 from models.config import ModelConfig
+from models.flops import chunk_width, linear
 
 
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -40,6 +41,8 @@ class MultiHeadLayerNorm(nn.Module):
 
 
 class MLSTMMixer(nn.Module):
+    kernel_ops = ("mlstm", "mlstm_step")
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.mlstm_cfg = m = cfg.mlstm
@@ -76,6 +79,14 @@ class MLSTMMixer(nn.Module):
         # Wang init (GPT-NeoX) on the projection back into the residual stream: shrinks with depth.
         d_model = self.out_proj.out_features
         nn.init.normal_(self.out_proj.weight, std=2 / self.n_layers / math.sqrt(d_model))
+
+    def flops_per_token(self, seq_len: int) -> int:
+        d, qk, v = self.q_proj.in_features, self.q_proj.out_features, self.v_proj.out_features
+        projections = 2 * linear(d, qk) + 2 * linear(d, v) + 2 * linear(d, self.n_heads) + linear(v, d)
+        dqk, dv, chunk = self.qk_head_dim, self.v_head_dim, chunk_width(self.mlstm_cfg.chunk_size, seq_len)
+        # Per head: q.k and s.v inside the chunk, q.C and q.n from the chunk-start state, k^T v into the state.
+        cell = 2 * chunk * (dqk + dv) + 4 * dqk * dv + 2 * dqk
+        return projections + self.n_heads * cell
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> MLSTMState:
         """The empty memory: C = n = 0 and stabiliser m = 0, always fp32 (dtype is ignored)."""

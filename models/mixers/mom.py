@@ -36,8 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
+from kernels.delta_rule.dispatch import TRITON_CHUNK as DELTA_RULE_CHUNK
 from kernels.gla import chunk_gla, gla_step
+from kernels.gla.dispatch import TRITON_CHUNK as GLA_CHUNK
 from models.config import ModelConfig
+from models.flops import chunk_width, linear
 
 
 @dataclass
@@ -112,6 +115,34 @@ class MoMMixer(nn.Module):
             dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
             dt = dt.clamp_min(1e-4)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    @property
+    def kernel_ops(self) -> tuple[str, ...]:
+        # The short convolutions are F.conv1d over each memory's own tokens, not a kernels/ op.
+        return ("delta_rule", "delta_rule_step") if self.backend == "gated_delta_rule" else ("gla", "gla_step")
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Routed as routed: each token goes through top_k memories (each memory's sequence holds top_k / M of
+        the tokens, balanced) and the shared one; q is projected once per memory that reads the token."""
+        d, hk, hv, h = self.q_proj.in_features, self.head_k_dim, self.head_v_dim, self.n_heads
+        gate_dim = h if self.backend == "gated_delta_rule" else self.key_dim
+        writes = 2 * linear(d, self.key_dim) + linear(d, self.value_dim) + linear(d, gate_dim)  # q, k, v, decay
+        writes += linear(d, h) if self.backend == "gated_delta_rule" else 0  # beta
+        conv = 2 * (2 * self.key_dim + self.value_dim) * self.conv_size
+
+        def memory(length: float) -> float:  # one memory over `length` tokens: projections, conv, recurrence
+            chunk = chunk_width(self.chunk_size or (DELTA_RULE_CHUNK if self.backend == "gated_delta_rule"
+                                                    else GLA_CHUNK), max(1, int(length)))
+            if self.backend == "gated_delta_rule":  # WY form: k k^T, T k, T v, q k^T; w S, q S, p v_new, k^T v_new
+                recurrence = 6 * chunk * hk + 4 * chunk * hv + 6 * hk * hv
+            else:  # p v inside the chunk, q S, k^T v
+                recurrence = 2 * chunk * hv + 4 * hk * hv
+            return writes + conv + h * recurrence
+
+        routed = self.top_k * memory(seq_len * self.top_k / self.num_memories)
+        shared = memory(seq_len) if self.shared_memory else 0
+        output = (linear(d, self.value_dim) if self.use_output_gate else 0) + linear(self.value_dim, d)
+        return linear(d, self.num_memories) + routed + shared + output
 
     def init_state(self, batch_size: int, device=None, dtype=None, n_heads: int | None = None) -> MoMState:
         """The empty state of every head, or of `n_heads` of them (a sequence-parallel rank's share)."""

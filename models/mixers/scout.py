@@ -49,6 +49,15 @@ class SCOUTMixer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = AttentionMixer(cfg, layer_idx)  # projections and RoPE of the checkpoint attention
 
+    @property
+    def kernel_ops(self) -> tuple[str, ...]:
+        return (*self.local.kernel_ops, "checkpoint_attention")
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The local mixer, then attention to the T / S checkpoints (its own key is an elementwise product)."""
+        return (self.local.flops_per_token(seq_len) + self.attn.projection_flops()
+                + self.attn.attention_flops(seq_len // self.segment))
+
     def init_weights(self) -> None:
         if hasattr(self.local, "init_weights"):
             self.local.init_weights()

@@ -27,6 +27,9 @@ class SlidingWindowMixer(AttentionMixer):
         super().__init__(cfg, layer_idx)
         self.window = cfg.sliding_window.window
 
+    def flops_per_token(self, seq_len: int) -> int:
+        return self.projection_flops() + self.attention_flops(min(self.window, seq_len))
+
     def init_state(self, batch_size: int, device=None, dtype=None) -> WindowCache:
         empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return WindowCache(empty, empty.clone(), 0)

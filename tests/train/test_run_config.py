@@ -100,3 +100,24 @@ def test_tiny_configs_share_the_demo_data_section():
     expected = yaml.safe_load(TINY_TRANSFORMER.read_text())["data"]
     for path in sorted(TINY.glob("*.yaml")):
         assert yaml.safe_load(path.read_text())["data"] == expected, path.name
+
+
+GPU_LIMITS = [  # (config, overrides, what the message names): each validated before this schema checked it
+    ("xlstm", ["model.mlstm.chunk_size=48"], "mlstm.chunk_size=48: the Triton mLSTM kernel"),
+    ("hgrn2", ["model.hgrn2.chunk_size=64"], "hgrn2.chunk_size=64: the Triton GLA kernel"),
+    ("mom", ["model.mom.chunk_size=32"], "mom.chunk_size=32: the Triton gated delta rule kernel"),
+    ("hgrn2", ["model.hgrn2.expand_ratio=512", "model.d_model=2048"], "hgrn2.expand_ratio=512: the Triton GLA"),
+    ("mom", ["model.mom.head_dim=512"], "mom.head_dim=512: the Triton gated delta rule kernel"),
+    ("mamba", ["model.mamba.d_conv=5"], "mamba.d_conv=5: causal-conv1d"),
+    ("mamba2", ["model.mamba2.d_conv=6"], "mamba2.d_conv=6: causal-conv1d"),
+    ("mamba", ["model.mamba.d_state=512"], "mamba.d_state=512: mamba-ssm's selective scan"),
+    ("transformer", ["model.d_model=512", "model.n_heads=1"], "the head size of the ['attention'] layers)=512"),
+    ("scout", ["model.d_model=2048"], "the head size of the ['scout'] layers)=512: flash-attn"),
+]
+
+
+@pytest.mark.parametrize("family,overrides,message", GPU_LIMITS, ids=[o[0].split("=")[0] for _, o, _ in GPU_LIMITS])
+def test_a_limit_of_a_gpu_path_stops_the_config_on_every_machine(family, overrides, message):
+    with pytest.raises(ConfigError, match="GPU path") as err:
+        load_config(TINY / f"{family}.yaml", overrides)
+    assert message in str(err.value)
