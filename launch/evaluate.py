@@ -22,9 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import torch  # noqa: E402
 
 from data import DataError  # noqa: E402
+from kernels.backend import KernelFallbackError  # noqa: E402
 from launch.export_hf import find_checkpoint  # noqa: E402
 from models import CausalLM, ModelConfig  # noqa: E402
 from train.checkpoint import CheckpointError, consolidated_state_dict  # noqa: E402
+from train.kernel_report import check_kernels, kernel_report  # noqa: E402
+from train.logs import configure_logging  # noqa: E402
 
 SUITES = ("ppl", "ppl_by_length", "passkey", "mqar", "lm_eval")
 
@@ -65,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--suite", default="ppl,ppl_by_length,passkey", help=f"comma list of {','.join(SUITES)}")
     p.add_argument("--out", type=Path, help="output folder (default: <checkpoint>/eval)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="default: bfloat16 on cuda (flash-attn takes half precision only), float32 on cpu")
     p.add_argument("--shards", type=Path, help="shards folder with the held-out split (default: the run's)")
     p.add_argument("--split", default="val", help="held-out split name")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json or HF folder (default: the run's / export's)")
@@ -88,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     p.add_argument("--wandb-project", default="hybrid-eval")
     args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.suites = [s for s in args.suite.split(",") if s]
     unknown = sorted(set(args.suites) - set(SUITES))
     if unknown:
@@ -109,6 +114,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     seq_len = shards = tokenizer = None
     if model is not None:
         model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+        # Which path each kernel op takes on this device; under kernels.strict (HP_KERNELS) a fallback stops here.
+        check_kernels(kernel_report(model.kernel_ops(), torch.device(args.device), getattr(torch, args.dtype)))
         run = info["run_config"] or {}
         data = run.get("data", {})
         seq_len = args.seq_len or data.get("seq_len") or model.cfg.max_seq_len
@@ -184,9 +191,10 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    configure_logging("INFO")
     try:
         evaluate(args)
-    except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, DataError, ValueError, FileNotFoundError, KernelFallbackError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

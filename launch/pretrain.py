@@ -13,8 +13,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
 from data import DataError  # noqa: E402
+from kernels.backend import KernelFallbackError  # noqa: E402
 from train.checkpoint import CheckpointError  # noqa: E402
 from train.config import ConfigError, load_config  # noqa: E402
+from train.logs import configure_logging  # noqa: E402
 from train.trainer import NonFiniteLossError, pretrain  # noqa: E402
 
 
@@ -27,16 +29,17 @@ def main() -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args()
 
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     try:
         cfg = load_config(args.config, args.set, world_size=world_size)
+        configure_logging(cfg.logging.level, rank, None if args.dry_run else Path(cfg.run_dir) / "train.log")
         if args.dry_run:
             from train.dry_run import dry_run
 
             dry_run(cfg, world_size)
             return 0
         pretrain(cfg, resume=args.resume)
-    except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as e:
+    except (ConfigError, DataError, CheckpointError, NonFiniteLossError, KernelFallbackError) as e:
         # Expected failures carry a message naming the problem and the fix; no traceback needed.
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from data.config import DataConfig
 from eval.periodic import PeriodicEvalConfig
+from kernels import backend
 from models.config import ModelConfig, Section
 
 
@@ -57,6 +58,29 @@ class ParallelConfig(Section):
     )
 
 
+class KernelsConfig(Section):
+    """Which path each op of kernels/ takes (kernels/backend.py; the README's kernel table lists the ops)."""
+
+    backend: Literal["auto", "fast", "reference"] | None = Field(
+        None, description="auto: the fast path on CUDA tensors, the PyTorch reference elsewhere; fast: the fast "
+        "path or an error; reference: always PyTorch. None: $HP_KERNELS, else auto.",
+    )
+    overrides: dict[str, Literal["auto", "fast", "reference"]] = Field(
+        default_factory=dict, description="The same per op, e.g. {mlstm: reference}.",
+    )
+    strict: bool | None = Field(
+        None, description="A fast path that cannot run on CUDA stops the run before the first step (true) or "
+        "takes the reference with one WARNING (false). None: true on CUDA.",
+    )
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_ops(cls, v: dict[str, str]) -> dict[str, str]:
+        for op in v:
+            backend.check_op(op, "kernels.overrides")
+        return v
+
+
 class CheckpointConfig(Section):
     dir: str | None = Field(None, description="Where checkpoints go; default <run_dir>/checkpoints.")
     every: int = Field(100, gt=0, description="Save every this many optimizer steps (and at the end).")
@@ -70,6 +94,9 @@ class LoggingConfig(Section):
     )
     wandb_project: str = Field("hybrid-pretrain", description="wandb project name.")
     progress_bar: bool = Field(True, description="tqdm progress bar with ETA on rank 0.")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of rank 0 (console and <run_dir>/train.log); other ranks log WARNING and up.",
+    )
 
 
 class RunConfig(Section):
@@ -81,6 +108,7 @@ class RunConfig(Section):
     schedule: ScheduleConfig
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     eval: PeriodicEvalConfig = Field(default_factory=PeriodicEvalConfig)
     deepspeed: dict[str, Any] = Field(

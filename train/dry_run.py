@@ -1,12 +1,16 @@
 """`--dry-run`: the resolved config, the parameter count (model on the meta device, so a 7B config
-costs nothing) and the per-rank memory of model states for the chosen ZeRO stage. No process group."""
+costs nothing), the per-rank memory of model states for the chosen ZeRO stage, and the kernel path of
+every op on a CUDA device (on a machine without one: what `auto` would take there with the packages
+installed here). No process group."""
 
 import json
 
 import torch
 
+from kernels.backend import fallback_message
 from models import CausalLM
 from train.config import RunConfig
+from train.kernel_report import configure_kernels, fallbacks, format_report, run_kernel_report
 
 
 def zero_model_state_bytes(n_params: int, stage: int, ranks: int, precision: str) -> int:
@@ -30,6 +34,8 @@ def dry_run(cfg: RunConfig, world_size: int) -> dict:
         "world_size": world_size,
         "zero_stage": stage,
         "model_states_bytes_per_rank": zero_model_state_bytes(n_params, stage, world_size, cfg.parallel.precision),
+        # models/flops.py: matmul FLOPs of a training step (forward and backward) per token at data.seq_len
+        "model_flops_per_token": model.flops_per_token(cfg.data.seq_len),
     }
     if stage in (2, 3):
         from train.distributed import use_cpu_accelerator_if_no_gpu
@@ -45,11 +51,20 @@ def dry_run(cfg: RunConfig, world_size: int) -> dict:
             cpu, gpu, _ = est(n_params, largest_layer, num_gpus_per_node=world_size,
                               cpu_offload=False, cpu_offload_params=False)
         report["deepspeed_estimate_bytes_per_rank"] = {"gpu": gpu, "cpu": cpu}
+    configure_kernels(cfg)
+    kernels = report["kernels"] = run_kernel_report(cfg, "cuda:0" if torch.cuda.is_available() else "cuda")
     print(json.dumps({"config": cfg.model_dump(mode="json"), "dry_run": report}, indent=1))
-    print(f"parameters: {n_params:,} ({n_params / 1e9:.3f} B)")
-    for key in ("model_states_bytes_per_rank",):
-        print(f"{key}: {report[key] / 2**30:.2f} GiB (ZeRO-{stage}, {world_size} ranks, {cfg.parallel.precision})")
+    print(f"parameters: {n_params:,} ({n_params / 1e9:.3f} B); training FLOPs per token at "
+          f"T={cfg.data.seq_len}: {report['model_flops_per_token']:.4g}")
+    print(f"model_states_bytes_per_rank: {report['model_states_bytes_per_rank'] / 2**30:.2f} GiB (ZeRO-{stage}, "
+          f"{world_size} ranks, {cfg.parallel.precision})")
     if "deepspeed_estimate_bytes_per_rank" in report:
         est = report["deepspeed_estimate_bytes_per_rank"]
         print(f"DeepSpeed estimate per rank: {est['gpu'] / 2**30:.2f} GiB accelerator, {est['cpu'] / 2**30:.2f} GiB host")
+    if not torch.cuda.is_available():
+        print("no CUDA device here: the table is what a CUDA device would take with this machine's packages")
+    print(format_report(kernels))
+    if fallbacks(kernels):
+        verdict = "would stop before the first step" if kernels["strict"] else "would warn and go on"
+        print(f"a run on CUDA {verdict}: {fallback_message(fallbacks(kernels))}")
     return report

@@ -5,6 +5,7 @@ the order of things and the trainer's own state (step, tokens seen, data positio
 """
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,13 @@ from train import checkpoint, sequence_parallel
 from train.config import RunConfig
 from train.deepspeed_config import deepspeed_config
 from train.distributed import init_distributed, shutdown
-from train.metrics import MetricsLogger
+from train.kernel_report import check_kernels, configure_kernels, run_kernel_report
+from train.metrics import MetricsLogger, device_peak
 from train.optimizer import build_optimizer
 from train.preemption import Preemption
 from train.schedule import lr_at
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,6 +75,10 @@ def setup_parallel(cfg: RunConfig) -> Parallel:
                     loss_scale=sequence_parallel.loss_scale(cfg.parallel.zero_stage, sp))
 
 
+def current_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def build_engine(cfg: RunConfig, par: Parallel):
     """The model (same init on every rank, SP applied from outside) wrapped in a DeepSpeed engine."""
     import deepspeed
@@ -112,12 +120,16 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
         checkpoint.check_model_config(resume_path, model_config)
 
     preemption = Preemption()  # SIGUSR1/SIGTERM: checkpoint after the current step, then exit 75
+    configure_kernels(cfg)
     par = setup_parallel(cfg)
     rank = par.rank
     run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    # Before anything costly: which path each kernel op takes, and a stop if a fast path cannot run (strict).
+    kernels = run_kernel_report(cfg, current_device())
+    check_kernels(kernels, rank, run_dir)
 
     # Ranks of one sequence-parallel group read the same batch and each keep their share of its tokens.
     batches = TrainBatches(cfg.data, dp_rank=par.dp_rank, dp_size=par.dp_size, seed=cfg.seed)
@@ -126,12 +138,16 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
 
     state = {"step": 0, "tokens_seen": 0, "nonfinite_in_row": 0, "skipped_steps": 0}
     if resume_path is not None:
-        if rank == 0:
-            print(f"resuming from {resume_path}", flush=True)
+        log.info("resuming from %s", resume_path)
         state = checkpoint.load(engine, resume_path)
         batches.load_state_dict(state.pop("data"))
-    logger = MetricsLogger(run_dir, cfg, rank=rank, start_step=state["step"], n_params=n_params,
-                           resolved_config=cfg.model_dump(mode="json"))
+    with torch.device("meta"):
+        shape = CausalLM(cfg.model)  # the formulas only: model FLOPs per token at each step's length
+    log.info("model: %s parameters, %.3g training FLOPs per token at T=%d", f"{n_params:,}",
+             shape.flops_per_token(cfg.data.seq_len), cfg.data.seq_len)
+    metrics = MetricsLogger(run_dir, cfg, rank=rank, world_size=par.world, start_step=state["step"],
+                           flops_per_token=shape.flops_per_token, peak=device_peak(),
+                           resolved_config=cfg.model_dump(mode="json") | {"kernel_report": kernels})
     records = []
     try:
         while state["step"] < cfg.schedule.steps:
@@ -157,12 +173,12 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
             state["nonfinite_in_row"] = 0 if finite else state["nonfinite_in_row"] + 1
             state["skipped_steps"] += 0 if finite else 1
             give_up = state["nonfinite_in_row"] >= cfg.optim.max_nonfinite_steps
-            logger.advance()
+            metrics.advance(cfg.data.tokens_per_step, micro_batches[0]["input_ids"].shape[1])
 
             if state["step"] % cfg.logging.every == 0 or state["step"] == cfg.schedule.steps or give_up:
                 loss = _mean_over_ranks(loss_sum / len(micro_batches), engine.device)
                 grad_norm = engine.get_global_grad_norm()
-                records.append(logger.log(state["step"], cfg.data.tokens_per_step, {
+                records.append(metrics.log(state["step"], {
                     "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                     "tokens_seen": state["tokens_seen"], "skipped_steps": state["skipped_steps"],
                     "seq_len": micro_batches[0]["input_ids"].shape[1],
@@ -173,8 +189,8 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
                 # Every rank runs it on whole sequences (unsplit under SP): identical work keeps ZeRO-3's
                 # parameter gathers in step.
                 with sequence_parallel.unsplit(engine.module) as model:
-                    metrics = evaluate_during_training(model, cfg.eval, cfg.data.shards_dir, cfg.data.seq_len)
-                records.append(logger.log_eval(state["step"], metrics))
+                    scores = evaluate_during_training(model, cfg.eval, cfg.data.shards_dir, cfg.data.seq_len)
+                records.append(metrics.log_eval(state["step"], scores))
             if give_up:
                 raise NonFiniteLossError(
                     f"loss was NaN/inf for {state['nonfinite_in_row']} steps in a row (last at step "
@@ -188,6 +204,6 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
             if stop:
                 preemption.exit(state["step"])  # logs "preempted at step N", exits with PREEMPTED_EXIT_CODE
     finally:
-        logger.close()
+        metrics.close()
     shutdown()
     return records

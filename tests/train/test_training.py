@@ -15,14 +15,25 @@ pytestmark = pytest.mark.slow
 FP32 = ["parallel.precision=fp32"]
 
 
-def test_readme_demo_trains_tiny_transformer_and_loss_falls(train):
-    run = train(TINY / "transformer.yaml", wandb=True)  # the README's config, as shipped (wandb offline)
+def test_readme_demo_trains_tiny_xlstm_says_what_it_runs_and_loss_falls(train):
+    run = train(TINY / "xlstm.yaml", wandb=True)  # the README's config, as shipped (wandb offline)
     losses = run.losses
     assert len(losses) >= 10, run.output[-3000:]
     first, last = losses[0], sum(losses[-3:]) / 3
     assert last < first - 1.0, f"loss did not fall enough: first {first:.3f}, last {last:.3f}"
-    assert {"grad_norm", "lr", "tokens_per_s", "step_time_s", "peak_memory_mb"} <= run.records[-1].keys()
+    assert {"grad_norm", "lr", "tokens_per_s", "step_time_s", "peak_memory_mb",
+            "model_flops_per_token"} <= run.records[-1].keys() and "mfu" not in run.records[-1]  # no GPU peak
     assert list((run.run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no offline wandb run was written"
+    # The kernel report: every op on the reference, with its reason, on the console, in train.log and in
+    # kernels.json; on 2 ranks only rank 0 reports.
+    report = json.loads((run.run_dir / "kernels.json").read_text())
+    assert report["device"] == "cpu" and [r["op"] for r in report["ops"]] == ["mlstm", "mlstm_step"]
+    assert all(r["path"] == "reference" and not r["fallback"] and r["reason"] for r in report["ops"])
+    log = (run.run_dir / "train.log").read_text()
+    for text in (run.output, log):
+        assert text.count("kernels on cpu (float32, strict=false):") == 1
+        assert "mlstm       reference  PyTorch reference" in text and "auto on cpu" in text
+    assert "[rank 0]" in log and "MFU is not reported: no GPU" in log
 
 
 def test_zero_stages_0_to_3_give_the_same_losses(train, tmp_path):
@@ -131,7 +142,7 @@ def test_dry_run_of_the_1b_transformer_counts_parameters_without_allocating():
            str(ROOT / "configs" / "transformer_1b.yaml"), "--dry-run"]
     proc = subprocess.run(cmd, env=job_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
+    report = json.JSONDecoder().raw_decode(proc.stdout)[0]
     m = report["config"]["model"]
     d, layers, vocab, hidden = m["d_model"], m["n_layers"], m["vocab_size"], m["ffn_hidden"]
     kv_dim = d // m["n_heads"] * m["attention"]["n_kv_heads"]

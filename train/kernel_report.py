@@ -1,0 +1,82 @@
+"""The kernel-path report: for the model, device and dtype of a run, the path each kernels/ op will take and
+why, made before the first step (kernels/backend.py `plan`: the dispatchers' own decision, nothing runs).
+
+The trainer logs it on rank 0 (console and train.log), writes it to <run_dir>/kernels.json and the wandb
+config, and stops the run when a fast path cannot run under `kernels.strict`; `--dry-run` prints it for a
+CUDA device, and launch/evaluate.py for its model.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from kernels import backend
+from kernels.attention.dispatch import PER_ROW_DOCUMENTS
+from models import CausalLM
+from train.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+def configure_kernels(cfg: RunConfig) -> backend.Settings:
+    """The run's `kernels:` section, over $HP_KERNELS (kernels/backend.py)."""
+    return backend.configure(cfg.kernels.backend, cfg.kernels.overrides, cfg.kernels.strict)
+
+
+def run_dtype(cfg: RunConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
+
+
+def kernel_report(ops: dict[str, list[int]], device: torch.device | str, dtype: torch.dtype,
+                  unmet: dict[str, str] | None = None) -> dict:
+    """{device, dtype, strict, settings, ops: [{op, path, runs, reason, fallback, (problem, fix), layers}]} for
+    a model's `kernel_ops()`; `unmet`: op -> a condition of the run its fast path lacks."""
+    settings, unmet = backend.settings(), unmet or {}
+    rows = [backend.plan(op, device, dtype, unmet.get(op), settings).as_dict() | {"layers": layers}
+            for op, layers in ops.items()]
+    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "strict": backend.is_strict(device, settings), "settings": settings.as_dict(), "ops": rows}
+
+
+def run_kernel_report(cfg: RunConfig, device: torch.device | str) -> dict:
+    """The report of a run config's model at its precision."""
+    with torch.device("meta"):  # free: no weights are allocated
+        ops = CausalLM(cfg.model).kernel_ops()
+    # Conditions of this run that a fast path lacks, known before any call.
+    unmet = {"attention": PER_ROW_DOCUMENTS} if cfg.data.mode == "concat" and cfg.data.reset_at_doc_boundary else {}
+    return kernel_report(ops, device, run_dtype(cfg), unmet)
+
+
+def format_report(report: dict) -> str:
+    head = f"kernels on {report['device']} ({report['dtype']}, strict={str(report['strict']).lower()}):"
+    width = max(len(r["op"]) for r in report["ops"])
+    lines = [head] + [f"  {r['op']:<{width}}  {r['path']:<9}  {r['runs']}  [{r['reason']}]" for r in report["ops"]]
+    return "\n".join(lines)
+
+
+def fallbacks(report: dict) -> list[dict]:
+    return [r for r in report["ops"] if r["fallback"]]
+
+
+def check_kernels(report: dict, rank: int = 0, run_dir: Path | None = None) -> None:
+    """Logs the report on rank 0 (and writes <run_dir>/kernels.json), then applies the strict rule before
+    the first step: a fallback raises KernelFallbackError on every rank under strict (or where the op was
+    asked for as `fast`), else it is one WARNING."""
+    if rank == 0:
+        logger.info("%s", format_report(report))
+        if run_dir is not None:
+            (run_dir / "kernels.json").write_text(json.dumps(report, indent=1))
+    rows = fallbacks(report)
+    settings = backend.settings()
+    stopping = [r for r in rows if report["strict"] or settings.mode(r["op"]) == "fast"]
+    if stopping:
+        raise backend.KernelFallbackError(
+            f"{backend.fallback_message(stopping)} (a fast path that cannot run stops the run under kernels.strict "
+            "or kernels.backend=fast; kernels.strict=false takes the reference with a warning)"
+        )
+    if rows:
+        if rank == 0:
+            logger.warning("%s (kernels.strict is false: taking the reference)", backend.fallback_message(rows))
+        backend.note_reported([r["op"] for r in rows])
