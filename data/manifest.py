@@ -104,7 +104,7 @@ def read_manifest(shards_dir: str | Path) -> Manifest:
     try:
         raw = json.loads(path.read_text())
         manifest = Manifest.model_validate(raw)
-    except (json.JSONDecodeError, ValidationError) as e:
+    except (ValueError, ValidationError) as e:  # ValueError: JSON or UTF-8 decoding
         raise DataError(f"{path} is not a valid manifest ({e}); delete {shards_dir} and prepare again") from e
     if manifest.format_version != FORMAT_VERSION:
         raise DataError(

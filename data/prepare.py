@@ -45,7 +45,7 @@ from .manifest import (
     sha256_file,
     write_json_atomic,
 )
-from .shards import ShardWriter
+from .shards import ShardWriter, read_offsets
 from .sources import (
     TEXT_FORMATS,
     ReadStats,
@@ -283,7 +283,7 @@ def _commit(out: Path, tmp: Path, manifest: Manifest) -> None:
 
 def _write_decomposition(cfg: DataConfig, manifest: Manifest) -> None:
     out = Path(cfg.shards_dir)
-    offsets = [np.load(out / sf.offsets_file) for sf in manifest.splits["train"].shards]
+    offsets = [read_offsets(out / sf.offsets_file, sf) for sf in manifest.splits["train"].shards]
     buckets, dropped = build_buckets(offsets, cfg.mode, cfg.seq_len, cfg.min_len)
     report = {
         "mode": cfg.mode,

@@ -82,6 +82,23 @@ class ShardWriter:
         return self.shards
 
 
+def read_offsets(path: Path, sf: ShardFile) -> np.ndarray:
+    """The document offsets of one shard, checked against its manifest entry (a cheap check at every start;
+    the sha256 check, when on, reads every byte)."""
+    fix = "the file is damaged or was replaced: prepare the data again"
+    try:
+        offsets = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"offsets file {path} is not a valid .npy array ({e}); {fix}") from None
+    if offsets.dtype != np.int64 or offsets.shape != (sf.num_documents + 1,):
+        raise DataError(f"offsets file {path} holds {offsets.dtype} {offsets.shape}, the manifest expects int64 "
+                        f"({sf.num_documents + 1},); {fix}")
+    if offsets[0] != 1 or offsets[-1] != sf.num_tokens or (np.diff(offsets) <= 0).any():
+        raise DataError(f"offsets file {path} does not describe {sf.num_documents} documents ending at token "
+                        f"{sf.num_tokens}; {fix}")
+    return offsets
+
+
 class TokenShards:
     """The shards of one split, memory-mapped: `tokens[i]` (1-D array) and `offsets[i]` per shard."""
 
@@ -104,7 +121,7 @@ class TokenShards:
                     f"{sf.num_tokens * dtype.itemsize}; the file is truncated or replaced: prepare the data again"
                 )
             self.tokens.append(np.memmap(tok_path, dtype=dtype, mode="r"))
-            self.offsets.append(np.load(off_path))
+            self.offsets.append(read_offsets(off_path, sf))
 
     def verify(self, shard_indices=None) -> None:
         """Compare the sha256 of the given shards (default all) with the manifest; DataError on mismatch."""

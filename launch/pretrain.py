@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from data import DataError  # noqa: E402
 from kernels.backend import KernelFallbackError  # noqa: E402
-from train.checkpoint import CheckpointError  # noqa: E402
+from train.checkpoint import CHECKPOINT_FAILED_EXIT_CODE, CheckpointError, CheckpointWriteError  # noqa: E402
 from train.config import ConfigError, load_config  # noqa: E402
 from train.logs import configure_logging  # noqa: E402
 from train.trainer import NonFiniteLossError, pretrain  # noqa: E402
@@ -39,6 +39,9 @@ def main() -> int:
             dry_run(cfg, world_size)
             return 0
         pretrain(cfg, resume=args.resume)
+    except CheckpointWriteError as e:  # its own exit code: the job script can tell "no space" from a bad run
+        print(f"error: {e}", file=sys.stderr)
+        return CHECKPOINT_FAILED_EXIT_CODE
     except (ConfigError, DataError, CheckpointError, NonFiniteLossError, KernelFallbackError) as e:
         # Expected failures carry a message naming the problem and the fix; no traceback needed.
         print(f"error: {e}", file=sys.stderr)

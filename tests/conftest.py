@@ -15,7 +15,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from harness import ROOT, TINY, Run, job_env, launch_command  # noqa: E402
+from harness import PRETRAIN, ROOT, TINY, Run, job_env, launch_command  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +34,14 @@ def train(tmp_path, stdlib_shards):
 
     def run(config: str | Path = TINY / "transformer.yaml", *overrides: str, nproc: int = 2,
             launcher: str = "deepspeed", run_dir: Path | None = None, extra=(), timeout: float = 600,
-            check: bool = True, wandb: bool = False) -> Run:
+            check: bool = True, wandb: bool = False, entry: Path = PRETRAIN, env: dict | None = None) -> Run:
+        """`entry` and `env`: another entry point (tests/train/fault_worker.py) and what it reads."""
         run_dir = run_dir or tmp_path / "run"
         base = [f"run_dir={run_dir}", f"data.shards_dir={stdlib_shards}", "logging.progress_bar=false"]
         base += [] if wandb else ["logging.wandb=disabled"]  # wandb's service costs ~15 s a run
-        cmd = launch_command(Path(config), base + list(overrides), nproc, launcher, list(extra))
-        proc = subprocess.run(cmd, env=job_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        cmd = launch_command(Path(config), base + list(overrides), nproc, launcher, list(extra), entry)
+        proc = subprocess.run(cmd, env=job_env() | (env or {}), cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
         result = Run(proc, run_dir)
         if check and proc.returncode != 0:
             raise AssertionError(f"training failed ({proc.returncode}):\n{result.output[-6000:]}")

@@ -48,9 +48,14 @@ def job_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def launch_command(config: Path, overrides: list[str], nproc: int, launcher: str, extra: list[str]) -> list[str]:
+PRETRAIN = ROOT / "launch" / "pretrain.py"
+FAULT_WORKER = ROOT / "tests" / "train" / "fault_worker.py"  # launch/pretrain.py with faults injected
+
+
+def launch_command(config: Path, overrides: list[str], nproc: int, launcher: str, extra: list[str],
+                   entry: Path = PRETRAIN) -> list[str]:
     port = str(free_port())
-    script = [str(ROOT / "launch" / "pretrain.py"), "--config", str(config)]
+    script = [str(entry), "--config", str(config)]
     script += [a for o in overrides for a in ("--set", o)] + extra
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),

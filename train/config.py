@@ -101,7 +101,7 @@ class LoggingConfig(Section):
 
 class RunConfig(Section):
     run_dir: str = Field(description="Folder of this run: resolved config, metrics.jsonl, checkpoints, wandb.")
-    seed: int = Field(1234, description="Seeds the model init and the data order.")
+    seed: int = Field(1234, ge=0, lt=2**63, description="Seeds the model init and the data order.")
     model: ModelConfig
     data: DataConfig
     optim: OptimConfig
@@ -209,7 +209,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), world_size: 
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass --config with a path such as configs/tiny/*.yaml")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):

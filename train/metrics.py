@@ -89,8 +89,8 @@ class MetricsLogger:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         return record
 
-    def log_eval(self, step: int, metrics: dict) -> dict:
-        """In-training evaluation metrics, as their own record (no throughput: eval time is not training)."""
+    def log_other(self, step: int, metrics: dict) -> dict:
+        """A record without throughput: in-training evaluation, a skipped step."""
         record = {"step": step, **metrics}
         if self.enabled:
             self.jsonl.write(json.dumps(record) + "\n")

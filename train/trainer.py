@@ -17,12 +17,12 @@ from eval.periodic import evaluate_during_training
 from models import CausalLM
 from models.lm import LMOutput
 from train import checkpoint, sequence_parallel
-from train.config import RunConfig
+from train.config import ConfigError, RunConfig
 from train.deepspeed_config import deepspeed_config
 from train.distributed import init_distributed, shutdown
 from train.kernel_report import check_kernels, configure_kernels, run_kernel_report
 from train.metrics import MetricsLogger, device_peak
-from train.optimizer import build_optimizer
+from train.optimizer import AdamW, build_optimizer
 from train.preemption import Preemption
 from train.schedule import lr_at
 
@@ -31,6 +31,17 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+@dataclass
+class TrainEngine:
+    """The DeepSpeed engine with what the loop needs beside it: our optimizer (to skip an update) and the
+    recorder its checkpoint files go through (train/checkpoint.py)."""
+
+    engine: object
+    optimizer: AdamW
+    recorder: checkpoint.Recorder
+    n_params: int
 
 
 def _all_ranks_finite(loss: torch.Tensor) -> bool:
@@ -79,7 +90,7 @@ def current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_engine(cfg: RunConfig, par: Parallel):
+def build_engine(cfg: RunConfig, par: Parallel) -> TrainEngine:
     """The model (same init on every rank, SP applied from outside) wrapped in a DeepSpeed engine."""
     import deepspeed
 
@@ -97,10 +108,11 @@ def build_engine(cfg: RunConfig, par: Parallel):
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     if par.sp_size > 1:
         sequence_parallel.apply_sequence_parallel(model, par.sp_group)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_config, mpu=par.mpu,
-    )
-    return engine, n_params
+    optimizer = build_optimizer(model, cfg.optim)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=par.mpu)
+    recorder = checkpoint.Recorder()
+    recorder.install(engine)
+    return TrainEngine(engine, optimizer, recorder, n_params)
 
 
 def forward(engine, micro_batch: dict[str, torch.Tensor], par: Parallel) -> LMOutput:
@@ -112,21 +124,46 @@ def forward(engine, micro_batch: dict[str, torch.Tensor], par: Parallel) -> LMOu
     return engine(ids, labels=labels, doc_ids=None if doc_ids is None else doc_ids.to(engine.device))
 
 
+def train_step(run: TrainEngine, micro_batches: list[dict], par: Parallel, lr: float) -> tuple[float, float, bool]:
+    """One optimizer step over this rank's micro batches: (mean loss, mean auxiliary loss, finite).
+
+    A step whose loss is NaN or inf in any micro batch on any rank is skipped on every rank: the remaining
+    backward passes run on zero losses (ZeRO's hooks expect one per micro batch) and the optimizer's update
+    does nothing, so weights, moments and the step count stay exactly as they were."""
+    engine = run.engine
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, aux_sum, finite = 0.0, 0.0, True
+    for mb in micro_batches:
+        out = forward(engine, mb, par)
+        aux_sum += 0.0 if out.aux_loss is None else out.aux_loss.item()
+        finite = finite and _all_ranks_finite(out.loss)  # every rank takes the same decision
+        loss_sum += out.loss.item()
+        run.optimizer.skip_update = not finite  # read by the last micro batch's engine.step()
+        engine.backward(out.loss * par.loss_scale if finite else out.loss * 0.0)
+        engine.step()
+    run.optimizer.skip_update = False
+    return loss_sum / len(micro_batches), aux_sum / len(micro_batches), finite
+
+
 def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
     """Trains per `cfg`; returns the logged records (rank 0's view, identical on every rank)."""
-    resume_path = checkpoint.resolve_resume(resume, cfg.checkpoint_dir)
     model_config = cfg.model.model_dump(mode="json")
-    if resume_path is not None:
-        checkpoint.check_model_config(resume_path, model_config)
-
     preemption = Preemption()  # SIGUSR1/SIGTERM: checkpoint after the current step, then exit 75
     configure_kernels(cfg)
     par = setup_parallel(cfg)
     rank = par.rank
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    except OSError as e:
+        raise ConfigError(f"run_dir {run_dir} cannot be written ({e}); choose a writable run_dir") from None
+    checkpoint.check_writable(cfg.checkpoint_dir)
+    resume_path = checkpoint.resolve_resume(resume, cfg.checkpoint_dir)  # verified, split over the ranks
+    if resume_path is not None:
+        checkpoint.check_model_config(resume_path, model_config)
     # Before anything costly: which path each kernel op takes, and a stop if a fast path cannot run (strict).
     kernels = run_kernel_report(cfg, current_device())
     check_kernels(kernels, rank, run_dir)
@@ -134,7 +171,8 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
     # Ranks of one sequence-parallel group read the same batch and each keep their share of its tokens.
     batches = TrainBatches(cfg.data, dp_rank=par.dp_rank, dp_size=par.dp_size, seed=cfg.seed)
     check_vocab_fits(batches.manifest, cfg.model.vocab_size)
-    engine, n_params = build_engine(cfg, par)
+    run = build_engine(cfg, par)
+    engine = run.engine
 
     state = {"step": 0, "tokens_seen": 0, "nonfinite_in_row": 0, "skipped_steps": 0}
     if resume_path is not None:
@@ -143,66 +181,58 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
         batches.load_state_dict(state.pop("data"))
     with torch.device("meta"):
         shape = CausalLM(cfg.model)  # the formulas only: model FLOPs per token at each step's length
-    log.info("model: %s parameters, %.3g training FLOPs per token at T=%d", f"{n_params:,}",
+    log.info("model: %s parameters, %.3g training FLOPs per token at T=%d", f"{run.n_params:,}",
              shape.flops_per_token(cfg.data.seq_len), cfg.data.seq_len)
     metrics = MetricsLogger(run_dir, cfg, rank=rank, world_size=par.world, start_step=state["step"],
-                           flops_per_token=shape.flops_per_token, peak=device_peak(),
-                           resolved_config=cfg.model_dump(mode="json") | {"kernel_report": kernels})
+                            flops_per_token=shape.flops_per_token, peak=device_peak(),
+                            resolved_config=cfg.model_dump(mode="json") | {"kernel_report": kernels})
     records = []
     try:
         while state["step"] < cfg.schedule.steps:
-            step = state["step"]
-            lr = lr_at(step, cfg.optim.lr, cfg.schedule)
-            loss_sum, aux_sum, finite = 0.0, 0.0, True
+            lr = lr_at(state["step"], cfg.optim.lr, cfg.schedule)
             micro_batches = batches.next_step()
-            for mb in micro_batches:
-                out = forward(engine, mb, par)
-                loss = out.loss
-                aux_sum += 0.0 if out.aux_loss is None else out.aux_loss.item()
-                finite = finite and _all_ranks_finite(loss)
-                loss_sum += loss.item()
-                # A non-finite step still runs backward (ZeRO's hooks expect it) but through a zero loss,
-                # and takes no update: LR 0 leaves AdamW's weights exactly as they were.
-                loss = loss * par.loss_scale if finite else sum(p.sum() for p in engine.module.parameters()) * 0.0
-                for group in engine.optimizer.param_groups:
-                    group["lr"] = lr if finite else 0.0
-                engine.backward(loss)
-                engine.step()
-            state["step"] = step + 1
-            state["tokens_seen"] += cfg.data.tokens_per_step
-            state["nonfinite_in_row"] = 0 if finite else state["nonfinite_in_row"] + 1
-            state["skipped_steps"] += 0 if finite else 1
-            give_up = state["nonfinite_in_row"] >= cfg.optim.max_nonfinite_steps
-            metrics.advance(cfg.data.tokens_per_step, micro_batches[0]["input_ids"].shape[1])
-
-            if state["step"] % cfg.logging.every == 0 or state["step"] == cfg.schedule.steps or give_up:
-                loss = _mean_over_ranks(loss_sum / len(micro_batches), engine.device)
+            seq_len = micro_batches[0]["input_ids"].shape[1]
+            loss, aux_loss, finite = train_step(run, micro_batches, par, lr)
+            if finite:
+                state["step"] += 1
+                state["tokens_seen"] += cfg.data.tokens_per_step
+                state["nonfinite_in_row"] = 0
+                metrics.advance(cfg.data.tokens_per_step, seq_len)
+            else:  # the batch is dropped; the step is taken again on the next one, at the same LR
+                state["nonfinite_in_row"] += 1
+                state["skipped_steps"] += 1
+                if rank == 0:
+                    log.warning("loss is NaN/inf at step %d (%d in a row): update skipped, weights and optimizer "
+                                "state unchanged, batch dropped", state["step"] + 1, state["nonfinite_in_row"])
+                records.append(metrics.log_other(state["step"], {"skipped_steps": state["skipped_steps"]}))
+            step = state["step"]
+            if finite and (step % cfg.logging.every == 0 or step == cfg.schedule.steps):
                 grad_norm = engine.get_global_grad_norm()
-                records.append(metrics.log(state["step"], {
-                    "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                    "tokens_seen": state["tokens_seen"], "skipped_steps": state["skipped_steps"],
-                    "seq_len": micro_batches[0]["input_ids"].shape[1],
+                records.append(metrics.log(step, {
+                    "loss": _mean_over_ranks(loss, engine.device), "lr": lr,
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "tokens_seen": state["tokens_seen"], "skipped_steps": state["skipped_steps"], "seq_len": seq_len,
                     # Auxiliary losses (MoM's load balancing), included in `loss`; 0 for families without one.
-                    "aux_loss": _mean_over_ranks(aux_sum / len(micro_batches), engine.device),
+                    "aux_loss": _mean_over_ranks(aux_loss, engine.device),
                 }))
-            if cfg.eval.every and state["step"] % cfg.eval.every == 0:
+            if finite and cfg.eval.every and step % cfg.eval.every == 0:
                 # Every rank runs it on whole sequences (unsplit under SP): identical work keeps ZeRO-3's
                 # parameter gathers in step.
                 with sequence_parallel.unsplit(engine.module) as model:
                     scores = evaluate_during_training(model, cfg.eval, cfg.data.shards_dir, cfg.data.seq_len)
-                records.append(metrics.log_eval(state["step"], scores))
-            if give_up:
+                records.append(metrics.log_other(step, scores))
+            if state["nonfinite_in_row"] >= cfg.optim.max_nonfinite_steps:
                 raise NonFiniteLossError(
-                    f"loss was NaN/inf for {state['nonfinite_in_row']} steps in a row (last at step "
-                    f"{state['step']}); lower optim.lr, check the data, or raise optim.max_nonfinite_steps"
+                    f"loss was NaN/inf for {state['nonfinite_in_row']} steps in a row (at step {step + 1}); lower "
+                    "optim.lr, check the data, or raise optim.max_nonfinite_steps"
                 )
             # Collective: every rank stops after the same step, whichever rank got the signal.
-            stop = preemption.should_stop(engine.device) and state["step"] < cfg.schedule.steps
-            if state["step"] % cfg.checkpoint.every == 0 or state["step"] == cfg.schedule.steps or stop:
-                checkpoint.save(engine, cfg.checkpoint_dir, state["step"], {**state, "data": batches.state_dict()},
-                                model_config, cfg.checkpoint.keep_last)
+            stop = preemption.should_stop(engine.device) and step < cfg.schedule.steps
+            if finite and (step % cfg.checkpoint.every == 0 or step == cfg.schedule.steps) or stop:
+                checkpoint.save(engine, run.recorder, cfg.checkpoint_dir, step,
+                                {**state, "data": batches.state_dict()}, model_config, cfg.checkpoint.keep_last)
             if stop:
-                preemption.exit(state["step"])  # logs "preempted at step N", exits with PREEMPTED_EXIT_CODE
+                preemption.exit(step)  # logs "preempted at step N", exits with PREEMPTED_EXIT_CODE
     finally:
         metrics.close()
     shutdown()

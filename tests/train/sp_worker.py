@@ -29,7 +29,7 @@ def main() -> None:
     config, out, *overrides = sys.argv[1:]
     cfg = load_config(config, overrides, world_size=int(os.environ["WORLD_SIZE"]))
     par = setup_parallel(cfg)
-    engine, _ = build_engine(cfg, par)
+    engine = build_engine(cfg, par).engine
     loss = forward(engine, fixed_batch(cfg.model.vocab_size), par).loss
     engine.backward(loss * par.loss_scale)
     from deepspeed.utils import safe_get_full_grad

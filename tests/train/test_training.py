@@ -23,7 +23,9 @@ def test_readme_demo_trains_tiny_xlstm_says_what_it_runs_and_loss_falls(train):
     assert last < first - 1.0, f"loss did not fall enough: first {first:.3f}, last {last:.3f}"
     assert {"grad_norm", "lr", "tokens_per_s", "step_time_s", "peak_memory_mb",
             "model_flops_per_token"} <= run.records[-1].keys() and "mfu" not in run.records[-1]  # no GPU peak
-    assert list((run.run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no offline wandb run was written"
+    wandb_runs = list((run.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert wandb_runs, "no offline wandb run was written"
+    assert b"kernel_report" in wandb_runs[0].read_bytes()  # the report is in the run's wandb config
     # The kernel report: every op on the reference, with its reason, on the console, in train.log and in
     # kernels.json; on 2 ranks only rank 0 reports.
     report = json.loads((run.run_dir / "kernels.json").read_text())
