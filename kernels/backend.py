@@ -147,20 +147,33 @@ def fallback_message(rows: list[dict]) -> str:
     on_purpose = ("kernels.overrides: {" + ", ".join(f"{op}: reference" for op in ops) + "} (HP_KERNELS="
                   + ",".join(f"{op}=reference" for op in ops) + ")")
     what = "; ".join(f"{r['op']}: {r['problem']}" for r in rows)
+    reference = f"take the PyTorch reference on purpose with {on_purpose}"
     return f"the fast path of kernel {', '.join(ops)} cannot run ({what}). Fix: " \
-           + "; ".join([*fixes, f"or take the PyTorch reference on purpose with {on_purpose}"])
+           + ("; ".join([*fixes, "or " + reference]) if fixes else reference)
+
+
+class KernelSettingsError(ValueError):
+    """A kernel backend setting that does not exist ($HP_KERNELS or the `kernels:` section)."""
 
 
 def check_mode(mode: str, where: str) -> str:
     if mode not in MODES:
-        raise ValueError(f"{where}: kernel backend {mode!r} is not one of {', '.join(MODES)}")
+        raise KernelSettingsError(f"{where}: kernel backend {mode!r} is not one of {', '.join(MODES)}")
     return mode
 
 
 def check_op(op: str, where: str) -> str:
     if op not in OPS:
-        raise ValueError(f"{where}: unknown kernel op {op!r}; known ops: {', '.join(OPS)}")
+        raise KernelSettingsError(f"{where}: unknown kernel op {op!r}; known ops: {', '.join(OPS)}")
     return op
+
+
+def check_override(op: str, mode: str, where: str) -> tuple[str, str]:
+    check_op(op, where)
+    check_mode(mode, f"{where} {op}")
+    if mode == "fast" and OPS[op].fast is None:
+        raise KernelSettingsError(f"{where}: {op}=fast, but {op} has no fast path ({OPS[op].note}); drop the override")
+    return op, mode
 
 
 @functools.cache
@@ -173,10 +186,10 @@ def parse_env(value: str) -> Settings:
             backend = check_mode(key, f"${ENV}")
         elif key == "strict":
             if mode not in ("true", "false", "1", "0"):
-                raise ValueError(f"${ENV}: strict={mode!r} must be true or false")
+                raise KernelSettingsError(f"${ENV}: strict={mode!r} must be true or false")
             strict = mode in ("true", "1")
         else:
-            overrides[check_op(key, f"${ENV}")] = check_mode(mode, f"${ENV} {key}")
+            overrides.update([check_override(key, mode, f"${ENV}")])
     return Settings(backend, overrides, strict)
 
 
@@ -191,29 +204,33 @@ def settings() -> Settings:
     return parse_env(os.environ.get(ENV, ""))
 
 
+def _merged(base: Settings, backend: str | None, overrides: Mapping[str, str] | None, strict: bool | None) -> Settings:
+    """`base` with a backend or strict given here winning and the overrides merged in; validated."""
+    return Settings(
+        check_mode(backend, "kernels.backend") if backend is not None else base.backend,
+        {**base.overrides, **dict(check_override(op, m, "kernels.overrides") for op, m in (overrides or {}).items())},
+        strict if strict is not None else base.strict,
+    )
+
+
 def configure(backend: str | None = None, overrides: Mapping[str, str] | None = None,
               strict: bool | None = None) -> Settings:
     """The run's `kernels:` section, over $HP_KERNELS: a backend or strict given here wins, overrides merge."""
     global _configured
-    _configured = None
-    env = settings()
-    _configured = Settings(
-        check_mode(backend, "kernels.backend") if backend is not None else env.backend,
-        {**env.overrides, **{check_op(op, "kernels.overrides"): check_mode(m, f"kernels.overrides.{op}")
-                             for op, m in (overrides or {}).items()}},
-        strict if strict is not None else env.strict,
-    )
+    env = parse_env(os.environ.get(ENV, ""))
+    _configured = _merged(env, backend, overrides, strict)  # validated first: a bad value keeps the old ones
     return _configured
 
 
 @contextlib.contextmanager
 def using(backend: str | None = None, overrides: Mapping[str, str] | None = None,
           strict: bool | None = None) -> Iterator[Settings]:
-    """Settings for the duration of a block (tests, benches), restored afterwards."""
+    """Settings over the ones in force, for the duration of a block (tests, benches); restored afterwards."""
     global _configured
     saved = _configured
     try:
-        yield configure(backend, overrides, strict)
+        _configured = _merged(settings(), backend, overrides, strict)
+        yield _configured
     finally:
         _configured = saved
 
@@ -286,6 +303,15 @@ def is_strict(device: torch.device | str, config: Settings | None = None) -> boo
     return torch.device(device).type == "cuda" if strict is None else strict
 
 
+def stops(op: str, device: torch.device | str, config: Settings | None = None) -> bool:
+    """Whether a fallback of `op` stops the run: under strict, or where the fast path was asked for."""
+    config = config or settings()
+    return config.mode(op) == "fast" or is_strict(device, config)
+
+
+STRICT_HINT = "(kernels.strict=false, or HP_KERNELS=strict=false, takes the reference with a warning instead)"
+
+
 _warned: set[str] = set()  # ops whose fallback was already reported (by a WARNING or a kernel report)
 _logged: set[tuple[str, str]] = set()
 _seen: set[str] = set()  # every op `choose` was asked for: what a model really calls (tests compare it)
@@ -298,8 +324,9 @@ def choose(op_name: str, x: torch.Tensor, unmet: str | None = None) -> Choice:
     _seen.add(op_name)
     choice = plan(op_name, x.device, x.dtype, unmet, config)
     if choice.fallback:
-        if config.mode(op_name) == "fast" or is_strict(x.device, config):
-            raise KernelFallbackError(fallback_message([choice.as_dict()]))
+        if stops(op_name, x.device, config):
+            hint = "" if config.mode(op_name) == "fast" else f" {STRICT_HINT}"
+            raise KernelFallbackError(fallback_message([choice.as_dict()]) + hint)
         if op_name not in _warned:
             _warned.add(op_name)
             logger.warning("%s (kernels.strict is false: taking the reference)", fallback_message([choice.as_dict()]))

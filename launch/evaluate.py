@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import torch  # noqa: E402
 
 from data import DataError  # noqa: E402
-from kernels.backend import KernelFallbackError  # noqa: E402
+from kernels.backend import KernelFallbackError, KernelSettingsError  # noqa: E402
 from launch.export_hf import find_checkpoint  # noqa: E402
 from models import CausalLM, ModelConfig  # noqa: E402
 from train.checkpoint import CheckpointError, consolidated_state_dict  # noqa: E402
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     configure_logging("INFO")
     try:
         evaluate(args)
-    except (CheckpointError, DataError, ValueError, FileNotFoundError, KernelFallbackError) as e:
+    except (CheckpointError, DataError, ValueError, FileNotFoundError, KernelFallbackError, KernelSettingsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
 from data import DataError  # noqa: E402
-from kernels.backend import KernelFallbackError  # noqa: E402
+from kernels.backend import KernelFallbackError, KernelSettingsError  # noqa: E402
 from train.checkpoint import CHECKPOINT_FAILED_EXIT_CODE, CheckpointError, CheckpointWriteError  # noqa: E402
 from train.config import ConfigError, load_config  # noqa: E402
 from train.logs import configure_logging  # noqa: E402
@@ -32,7 +32,10 @@ def main() -> int:
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     try:
         cfg = load_config(args.config, args.set, world_size=world_size)
-        configure_logging(cfg.logging.level, rank, None if args.dry_run else Path(cfg.run_dir) / "train.log")
+        try:
+            configure_logging(cfg.logging.level, rank, None if args.dry_run else Path(cfg.run_dir) / "train.log")
+        except OSError as e:
+            raise ConfigError(f"run_dir {cfg.run_dir} cannot be written ({e}); choose a writable run_dir") from None
         if args.dry_run:
             from train.dry_run import dry_run
 
@@ -42,7 +45,7 @@ def main() -> int:
     except CheckpointWriteError as e:  # its own exit code: the job script can tell "no space" from a bad run
         print(f"error: {e}", file=sys.stderr)
         return CHECKPOINT_FAILED_EXIT_CODE
-    except (ConfigError, DataError, CheckpointError, NonFiniteLossError, KernelFallbackError) as e:
+    except (ConfigError, DataError, CheckpointError, NonFiniteLossError, KernelFallbackError, KernelSettingsError) as e:
         # Expected failures carry a message naming the problem and the fix; no traceback needed.
         print(f"error: {e}", file=sys.stderr)
         return 1

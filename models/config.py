@@ -155,8 +155,8 @@ class HGRN2Config(Section):
     output_norm_eps: float = Field(
         1e-5, gt=0, description="Epsilon of the output RMSNorm (fla's fused rms_norm_linear default)."
     )
-    chunk_size: int | None = Field(None, gt=0, description="Chunk of the GLA kernel (16, 32 or 64); None = "
-                                   "each path's default.")
+    chunk_size: int | None = Field(None, gt=0, description="Chunk of the GLA kernel: 16, what the Triton kernel "
+                                   "takes; None = each path's default.")
 
     @model_validator(mode="after")
     def _kernel_limits(self) -> "HGRN2Config":
@@ -182,8 +182,8 @@ class MoMConfig(Section):
     expand_v: float = Field(1.0, gt=0, description="Value width per head as a multiple of head_dim.")
     conv_size: int = Field(4, gt=1, description="Width of the short causal convolutions on q, k, v.")
     use_output_gate: bool = Field(True, description="Gate the normalised output with silu(g_proj(x)).")
-    chunk_size: int | None = Field(None, gt=0, description="Chunk of the memory kernel (16, 32 or 64); None = "
-                                   "each path's default.")
+    chunk_size: int | None = Field(None, gt=0, description="Chunk of the memory kernel: 16, what the Triton "
+                                   "kernels take; None = each path's default.")
 
     @field_validator("backend")
     @classmethod

@@ -18,6 +18,16 @@ import pytest  # noqa: E402
 from harness import PRETRAIN, ROOT, TINY, Run, job_env, launch_command  # noqa: E402
 
 
+@pytest.fixture
+def cuda_packages(monkeypatch):
+    """mamba-ssm, causal-conv1d and flash-attn importable on the CPU (tests/cuda_standins.py), for one test."""
+    import cuda_standins
+
+    cuda_standins.install(monkeypatch)
+    yield
+    cuda_standins.uninstall()
+
+
 @pytest.fixture(scope="session")
 def stdlib_shards(tmp_path_factory) -> Path:
     """The demo corpus (Python's own stdlib sources) tokenized once for all training tests."""

@@ -12,14 +12,15 @@ so no rank leaves DeepSpeed's collectives early; afterwards every rank learns of
 is removed, and the run stops with CheckpointWriteError (exit code 74, EX_IOERR) naming the folder, the
 OS error and the free space. COMPLETE is written only once every file is listed in MANIFEST.json.
 
-Verifying. Before a resume every listed file must exist with its size (a stat) and its crc32 (a read,
-split over the ranks: at xLSTM-7B under ZeRO-3 on 8 ranks each reads its ~12 GB share once, seconds at
-zlib's speed). `--resume auto` reports a damaged newest checkpoint (which file, what is wrong), moves it
+Verifying. Before a resume every listed file must exist with its size (a stat) and its crc32 (one read of
+each file, split over the ranks; zlib's crc32 runs at 4-7 GB/s, so the storage's read speed sets the
+time: xLSTM-7B under ZeRO-3 on 8 ranks reads ~100 GB in all). `--resume auto` reports a damaged newest checkpoint (which file, what is wrong), moves it
 to damaged_step_N, and takes the previous complete one; an explicit `--resume PATH` that is damaged is an
 error.
 
 Retention. Complete checkpoints beyond `checkpoint.keep_last` are deleted only after the new one is
-complete and its files match its manifest; a complete checkpoint is never rewritten.
+complete and its files have the sizes its manifest lists; a complete checkpoint is never rewritten (a run
+refuses to start over complete checkpoints newer than the one it resumes from).
 """
 
 import json
@@ -173,33 +174,38 @@ def _write_probe(path: Path) -> None:
     path.unlink()
 
 
-def check_writable(root: Path) -> None:
-    """Collective, before the first step: the checkpoint folder can be created and written to, so a run does
-    not learn it only at its first checkpoint."""
+def check_writable(root: Path, first_files: dict[Path, str] | None = None) -> None:
+    """Collective, before the first step: rank 0 writes `first_files` (the run's resolved config) and checks
+    that the checkpoint folder can be created and written to, so a run does not learn it only at its first
+    checkpoint; every rank gets the verdict."""
     error = [None]
     if dist.get_rank() == 0:
         try:
+            for path, text in (first_files or {}).items():
+                path.write_text(text)
             root.mkdir(parents=True, exist_ok=True)
             _write_probe(root / f".write_probe_{os.getpid()}")
         except OSError as e:
             error[0] = str(e)
     dist.broadcast_object_list(error, src=0)
     if error[0]:
-        raise CheckpointWriteError(f"checkpoint folder {root} is not writable ({error[0]}; {_free_space(root)}); "
-                                   "fix its permissions or free space, or set checkpoint.dir")
+        raise CheckpointWriteError(f"checkpoint folder {root} or the run folder is not writable ({error[0]}; "
+                                   f"{_free_space(root)}); fix the permissions or free space, or set checkpoint.dir")
 
 
 def rng_state() -> dict:
+    """The CPU generator and, on a GPU, this rank's device's (each rank owns one device; the others' are not
+    its to restore, and a resume may see fewer of them)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save(engine, recorder: Recorder, root: Path, step: int, trainer_state: dict, model_config: dict,
@@ -207,7 +213,7 @@ def save(engine, recorder: Recorder, root: Path, step: int, trainer_state: dict,
     """Collective: every rank calls it (`recorder` installed on the engine). Returns the checkpoint folder."""
     rank = dist.get_rank()
     path = root / tag_for(step)
-    if (path / MARKER).is_file():  # e.g. preempted right after a resume: the checkpoint exists already
+    if (path / MARKER).is_file():  # only the one resumed from (resolve_resume refuses newer ones): unchanged
         dist.barrier()
         return path
     failed = [False]
@@ -236,8 +242,11 @@ def save(engine, recorder: Recorder, root: Path, step: int, trainer_state: dict,
         recorder.files, recorder.errors = files, []
         recorder.write(path / MODEL_CONFIG, text=json.dumps(model_config, indent=1, sort_keys=True))
         recorder.write(path / TRAINER_STATE, text=json.dumps(trainer_state, indent=1))
-        for extra in sorted(p for p in path.iterdir() if p.is_file() and p.name not in recorder.files):
-            recorder.files[extra.name] = _describe(extra)  # DeepSpeed's copied recovery scripts
+        try:
+            for extra in sorted(p for p in path.iterdir() if p.is_file() and p.name not in recorder.files):
+                recorder.files[extra.name] = _describe(extra)  # files DeepSpeed wrote beside its engine's
+        except OSError as e:
+            recorder.errors.append(f"reading back {path}: {e}")
         if not recorder.errors:
             recorder.write(path / MANIFEST, text=json.dumps({"files": recorder.files}, indent=1, sort_keys=True))
         if not recorder.errors:
@@ -253,12 +262,15 @@ def save(engine, recorder: Recorder, root: Path, step: int, trainer_state: dict,
 
 
 def _retain(root: Path, newest: Path, keep_last: int) -> None:
+    """Deletes complete checkpoints older than the newest keep_last, once `newest` has the files and sizes its
+    manifest lists; never `newest` itself."""
     problems = verify(newest, hashes=False)
     if problems:  # the new checkpoint does not read back as written: keep everything
         log.warning("checkpoint %s does not match its manifest (%s); no older checkpoint is deleted",
                     newest, problems[0])
         return
-    for old in complete_checkpoints(root)[:-keep_last]:
+    older = [p for p in complete_checkpoints(root) if p.name < newest.name]
+    for old in older[:len(older) - (keep_last - 1)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -291,13 +303,16 @@ def verify(path: Path, rank: int = 0, world: int = 1, hashes: bool = True) -> li
     problems = []
     for name, size, crc in entries[rank::world]:
         file = path / name
-        if not file.is_file():
-            problems.append(f"{file} is missing")
-        elif file.stat().st_size != size:
-            problems.append(f"{file} has {file.stat().st_size:,} bytes, its manifest says {size:,} (truncated or "
-                            "replaced)")
-        elif hashes and (actual := _describe(file)["crc32"]) != crc:
-            problems.append(f"{file} has crc32 {actual}, its manifest says {crc} (damaged)")
+        try:
+            if not file.is_file():
+                problems.append(f"{file} is missing")
+            elif file.stat().st_size != size:
+                problems.append(f"{file} has {file.stat().st_size:,} bytes, its manifest says {size:,} (truncated "
+                                "or replaced)")
+            elif hashes and (actual := _describe(file)["crc32"]) != crc:
+                problems.append(f"{file} has crc32 {actual}, its manifest says {crc} (damaged)")
+        except OSError as e:  # an unreadable file is a damaged one, on whichever rank reads it
+            problems.append(f"{file} cannot be read ({e})")
     return problems
 
 
@@ -310,10 +325,20 @@ def verify_collective(path: Path) -> list[str]:
     return [p for share in shares for p in share]
 
 
+def _names(paths: list[Path]) -> str:
+    return ", ".join(p.name for p in paths)
+
+
 def resolve_resume(resume: str | None, root: Path) -> Path | None:
     """Collective (after the process group is up). `auto`: the newest complete checkpoint under root that is
-    intact, or None to start fresh; a path: that checkpoint, which must be complete and intact."""
+    intact (damaged newer ones are moved aside), or None when there is none; a path: that checkpoint, which
+    must be complete and intact. Complete checkpoints newer than the one resumed from (or any, without
+    --resume) are refused: the run would write over them, or keep_last would delete its own."""
+    found = complete_checkpoints(root)
     if resume is None:
+        if found:
+            raise CheckpointError(f"{root} already holds complete checkpoints ({_names(found)}); continue them with "
+                                  "--resume auto, or give this run its own run_dir (or checkpoint.dir)")
         return None
     if resume != "auto":
         path = Path(resume)
@@ -326,27 +351,45 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
         if problems:
             raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems)}. Resume from another one "
                                   f"(--resume auto takes the newest intact one under {root})")
+        newer = [p for p in found if p.name > path.name]
+        if newer:
+            raise CheckpointError(f"{root} holds checkpoints newer than {path.name} ({_names(newer)}) that this run "
+                                  "would write over: move them away first, or resume the newest with --resume auto")
         return path
-    found = complete_checkpoints(root)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    damaged = []
     for path in reversed(found):
         problems = verify_collective(path)
         if not problems:
+            _move_aside(damaged)
             return path
-        # Moved aside, not deleted: out of the way of the run (it will write this step again) and of
-        # keep_last, and kept for a look.
-        aside = path.with_name(DAMAGED_PREFIX + path.name)
-        if rank == 0:
-            log.warning("checkpoint %s is damaged (%s): moved to %s; resuming from the previous complete one",
-                        path, "; ".join(problems), aside.name)
-            shutil.rmtree(aside, ignore_errors=True)  # an older damaged copy of the same step
-            os.replace(path, aside)
-        if dist.is_initialized():
-            dist.barrier()
+        damaged.append((path, problems))
     if found:
-        raise CheckpointError(f"every complete checkpoint under {root} is damaged (see the warnings above); "
-                              f"restore one, or move {root} away to start afresh")
+        details = "; ".join(f"{path.name}: {'; '.join(problems)}" for path, problems in damaged)
+        raise CheckpointError(f"every complete checkpoint under {root} is damaged ({details}); nothing was moved. "
+                              f"Restore one, or move {root} away to start afresh")
     return None
+
+
+def _move_aside(damaged: list[tuple[Path, list[str]]]) -> None:
+    """Collective: rank 0 renames each damaged checkpoint step_N (newer than the one resumed from) to
+    damaged_step_N: out of the way of the run, which writes step N again, and of keep_last; kept for a look."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    error = [None]
+    if rank == 0:
+        for path, problems in damaged:
+            aside = path.with_name(DAMAGED_PREFIX + path.name)
+            log.warning("checkpoint %s is damaged (%s): moved to %s", path, "; ".join(problems), aside.name)
+            try:
+                shutil.rmtree(aside, ignore_errors=True)  # an older damaged copy of the same step
+                os.replace(path, aside)
+            except OSError as e:
+                error[0] = f"checkpoint {path} is damaged ({'; '.join(problems)}) and cannot be moved aside ({e}); " \
+                           "move or delete it, then resume again"
+                break
+    if dist.is_initialized():
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise CheckpointError(error[0])
 
 
 def check_model_config(path: Path, model_config: dict) -> None:

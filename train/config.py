@@ -76,8 +76,8 @@ class KernelsConfig(Section):
     @field_validator("overrides")
     @classmethod
     def _known_ops(cls, v: dict[str, str]) -> dict[str, str]:
-        for op in v:
-            backend.check_op(op, "kernels.overrides")
+        for op, mode in v.items():
+            backend.check_override(op, mode, "kernels.overrides")
         return v
 
 

@@ -40,10 +40,12 @@ def kernel_report(ops: dict[str, list[int]], device: torch.device | str, dtype: 
             "strict": backend.is_strict(device, settings), "settings": settings.as_dict(), "ops": rows}
 
 
-def run_kernel_report(cfg: RunConfig, device: torch.device | str) -> dict:
-    """The report of a run config's model at its precision."""
-    with torch.device("meta"):  # free: no weights are allocated
-        ops = CausalLM(cfg.model).kernel_ops()
+def run_kernel_report(cfg: RunConfig, device: torch.device | str, model: CausalLM | None = None) -> dict:
+    """The report of a run config's model (built on the meta device unless given) at its precision."""
+    if model is None:
+        with torch.device("meta"):  # free: no weights are allocated
+            model = CausalLM(cfg.model)
+    ops = model.kernel_ops()
     # Conditions of this run that a fast path lacks, known before any call.
     unmet = {"attention": PER_ROW_DOCUMENTS} if cfg.data.mode == "concat" and cfg.data.reset_at_doc_boundary else {}
     return kernel_report(ops, device, run_dtype(cfg), unmet)
@@ -69,13 +71,9 @@ def check_kernels(report: dict, rank: int = 0, run_dir: Path | None = None) -> N
         if run_dir is not None:
             (run_dir / "kernels.json").write_text(json.dumps(report, indent=1))
     rows = fallbacks(report)
-    settings = backend.settings()
-    stopping = [r for r in rows if report["strict"] or settings.mode(r["op"]) == "fast"]
+    stopping = [r for r in rows if backend.stops(r["op"], report["device"])]
     if stopping:
-        raise backend.KernelFallbackError(
-            f"{backend.fallback_message(stopping)} (a fast path that cannot run stops the run under kernels.strict "
-            "or kernels.backend=fast; kernels.strict=false takes the reference with a warning)"
-        )
+        raise backend.KernelFallbackError(f"{backend.fallback_message(stopping)} {backend.STRICT_HINT}")
     if rows:
         if rank == 0:
             logger.warning("%s (kernels.strict is false: taking the reference)", backend.fallback_message(rows))

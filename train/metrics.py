@@ -2,8 +2,9 @@
 
 Only rank 0 writes. Throughput is tokens/s over the whole job. `model_flops_per_token` is the model's
 training FLOPs per token at each step's sequence length (models/flops.py: matmul work, forward and
-backward); MFU is the job's model FLOP/s divided by the number of GPUs times one GPU's dense bf16 peak,
-where that peak is known (GPU_PEAK_FLOPS), else it is not reported, and the log says so once.
+backward); MFU is the job's model FLOP/s divided by the number of GPUs times one GPU's dense bf16 peak
+(whatever the run's precision), where that peak is known (GPU_PEAK_FLOPS), else it is not reported, and the
+log says so once.
 """
 
 import json
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s of one GPU by device-name fragment, first match wins (vendor datasheets, no sparsity).
 GPU_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                  ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12)]
+                  ("B200", 2250e12), ("A100", 312e12)]  # "H200" also names the GH200
 
 
 def peak_flops(device_name: str | None) -> float | None:

@@ -17,7 +17,7 @@ from eval.periodic import evaluate_during_training
 from models import CausalLM
 from models.lm import LMOutput
 from train import checkpoint, sequence_parallel
-from train.config import ConfigError, RunConfig
+from train.config import RunConfig
 from train.deepspeed_config import deepspeed_config
 from train.distributed import init_distributed, shutdown
 from train.kernel_report import check_kernels, configure_kernels, run_kernel_report
@@ -154,19 +154,17 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
     par = setup_parallel(cfg)
     rank = par.rank
     run_dir = Path(cfg.run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
-    except OSError as e:
-        raise ConfigError(f"run_dir {run_dir} cannot be written ({e}); choose a writable run_dir") from None
-    checkpoint.check_writable(cfg.checkpoint_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)  # (the launcher's logging set-up made it already)
+    with torch.device("meta"):
+        shape = CausalLM(cfg.model)  # free: the kernel ops it calls, and its FLOPs per token at each length
+    # Before anything costly: which path each kernel op takes, and a stop if a fast path cannot run (strict).
+    kernels = run_kernel_report(cfg, current_device(), shape)
+    check_kernels(kernels, rank, run_dir)
+    checkpoint.check_writable(cfg.checkpoint_dir, {run_dir / "config.json": json.dumps(cfg.model_dump(mode="json"),
+                                                                                       indent=1)})
     resume_path = checkpoint.resolve_resume(resume, cfg.checkpoint_dir)  # verified, split over the ranks
     if resume_path is not None:
         checkpoint.check_model_config(resume_path, model_config)
-    # Before anything costly: which path each kernel op takes, and a stop if a fast path cannot run (strict).
-    kernels = run_kernel_report(cfg, current_device())
-    check_kernels(kernels, rank, run_dir)
 
     # Ranks of one sequence-parallel group read the same batch and each keep their share of its tokens.
     batches = TrainBatches(cfg.data, dp_rank=par.dp_rank, dp_size=par.dp_size, seed=cfg.seed)
@@ -179,8 +177,6 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
         log.info("resuming from %s", resume_path)
         state = checkpoint.load(engine, resume_path)
         batches.load_state_dict(state.pop("data"))
-    with torch.device("meta"):
-        shape = CausalLM(cfg.model)  # the formulas only: model FLOPs per token at each step's length
     log.info("model: %s parameters, %.3g training FLOPs per token at T=%d", f"{run.n_params:,}",
              shape.flops_per_token(cfg.data.seq_len), cfg.data.seq_len)
     metrics = MetricsLogger(run_dir, cfg, rank=rank, world_size=par.world, start_step=state["step"],

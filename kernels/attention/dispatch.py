@@ -62,9 +62,15 @@ def attention(
     if not choose("attention", q, unmet).fast:
         return attention_ref(q, k, v, q_offset, window, block_size, cu_seqlens)
     fn = load_function("flash_attn", "flash_attn_varlen_func" if varlen else "flash_attn_func")[0]
+    return flash_with(fn, q, k, v, window, block_size, cu_seqlens)
+
+
+def flash_with(fn, q, k, v, window, block_size, cu_seqlens):
+    """`attention` through flash-attn's `flash_attn_func`, or `flash_attn_varlen_func` when there are blocks or
+    documents (`fn`); a function of its own so that the tests run the call through the package on the CPU."""
     window_size = (-1, -1) if window is None else (window - 1, 0)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn's layout: (B, T, H, D)
-    if not varlen:
+    if block_size is None and cu_seqlens is None:
         return fn(q, k, v, causal=True, window_size=window_size).transpose(1, 2)
     b, t = q.shape[:2]
     row = _boundaries(t, block_size, cu_seqlens, q.device)  # (n + 1,)

@@ -154,12 +154,16 @@ def mlstm_chunkwise(
     initial_state: MLSTMState | None = None,
     chunk_size: int = 64,
     eps: float = 1e-6,
+    stabilizer_grad: bool = True,
 ) -> tuple[torch.Tensor, MLSTMState]:
     """Chunkwise mLSTM: quadratic inside a chunk, recurrent over chunk states.
 
     q, k: (B, NH, T, DQK); v: (B, NH, T, DV); i_preact, f_preact: (B, NH, T);
     initial_state: (C, n, m) or None. Returns h (B, NH, T, DV) in q's dtype and the final fp32 state.
-    Any T works: the last chunk is simply shorter. Differentiable by autograd.
+    Any T works: the last chunk is simply shorter. Differentiable by autograd; `stabilizer_grad=False`
+    treats the max-state stabilisers as constants, the backward of the Triton kernel and of mlstm_kernels
+    (they differ from the exact gradient only where the floor exp(-m) of the normaliser is active, and by
+    O(eps) terms).
     """
     check_inputs(q, k, v, i_preact, f_preact, initial_state)
     if chunk_size < 1:
@@ -189,6 +193,7 @@ def mlstm_chunkwise(
         log_d = log_d.masked_fill(~causal, float("-inf"))
         m_inter = b + m  # (B, NH, L)
         m_comb = torch.maximum(m_inter, log_d.amax(-1))  # (B, NH, L)
+        m_comb = m_comb if stabilizer_grad else m_comb.detach()
         s = (qc @ kc.transpose(-2, -1)) * torch.exp(log_d - m_comb[..., None])  # (B, NH, L, L)
         w_inter = torch.exp(m_inter - m_comb)[..., None]  # (B, NH, L, 1)
         num = w_inter * (qc @ C) + s @ vc  # (B, NH, L, DV)
@@ -201,6 +206,7 @@ def mlstm_chunkwise(
         g = b[..., -1:]  # (B, NH, 1)
         a = g - b + ic  # (B, NH, L)
         m_next = torch.maximum(g + m, a.amax(-1, keepdim=True))  # (B, NH, 1)
+        m_next = m_next if stabilizer_grad else m_next.detach()
         k_gated = kc * torch.exp(a - m_next)[..., None]  # (B, NH, L, DQK)
         decay = torch.exp(g + m - m_next)  # (B, NH, 1)
         C = decay[..., None] * C + k_gated.transpose(-2, -1) @ vc  # (B, NH, DQK, DV)

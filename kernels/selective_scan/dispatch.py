@@ -46,15 +46,16 @@ def scan_with(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
     y, last_state = fn(u, delta, A, B, C, D, None, delta_bias, delta_softplus, return_last_state=True)
     dt = delta.float() + (0.0 if delta_bias is None else delta_bias.float()[:, None])
     dt = F.softplus(dt) if delta_softplus else dt
-    log_decay = dt.cumsum(-1)[:, :, None, :] * A.float()[None, :, :, None]  # (B, D, N, T): log of exp(A sum dt)
-    h0 = initial_state.float()
+    elapsed, A32, h0 = dt.cumsum(-1), A.float(), initial_state.float()  # elapsed: (B, D, T), sum_{s<=t} dt_s
     piece = max(1, _PIECE_ELEMENTS // h0.numel())
-    y_h0 = torch.cat([torch.einsum("bdnt,bdn,bnt->bdt", log_decay[..., s:s + piece].exp(), h0,
-                                   C.float()[..., s:s + piece]) for s in range(0, u.shape[-1], piece)], dim=-1)
+    y_h0 = torch.cat([
+        torch.einsum("bdnt,bdn,bnt->bdt", torch.exp(elapsed[:, :, None, s:s + piece] * A32[..., None]), h0,
+                     C.float()[..., s:s + piece])  # exp(A sum dt): (B, D, N, piece)
+        for s in range(0, u.shape[-1], piece)], dim=-1)
     y = y.float() + y_h0
     if z is not None:
         y = y * F.silu(z.float())
-    return y.to(u.dtype), last_state.float() + log_decay[..., -1].exp() * h0
+    return y.to(u.dtype), last_state.float() + torch.exp(elapsed[..., -1:] * A32) * h0
 
 
 def selective_state_update(

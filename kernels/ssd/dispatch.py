@@ -3,7 +3,9 @@
 Two gaps of mamba-ssm 2.3.2 are closed here, so the fast path runs every call the mixer makes:
 - `mamba_chunk_scan_combined` returns the final state in C's dtype (bf16 in training), so a prefill would
   hand a rounded state to decoding; releases after 2.3.2 take `state_dtype` and get fp32, earlier ones get
-  the final state recomputed in fp32 from the same inputs (one (P x T) @ (T x N) product per head);
+  the final state recomputed in fp32 from the same inputs (one (P x T) @ (T x N) product per head) when
+  no gradient is being recorded: a prefill; in training the state is dropped, and recomputing it under
+  autograd would keep its inputs alive in fp32 for nothing;
 - its `selective_state_update` has no dt clamp, so `ssd_step` hands it dt already processed
   (bias, softplus, clamp) in fp32.
 """
@@ -63,7 +65,9 @@ def ssd_with(fn, x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, 
     if _takes_state_dtype(fn):
         y, final_state = fn(x, dt, A, B, C, chunk_size, **kwargs, state_dtype=torch.float32)
         return y, final_state.float()
-    y, _ = fn(x, dt, A, B, C, chunk_size, **kwargs)  # its final state is rounded to C's dtype
+    y, final_state = fn(x, dt, A, B, C, chunk_size, **kwargs)  # its final state is rounded to C's dtype
+    if torch.is_grad_enabled():
+        return y, final_state.float()
     return y, final_state_fp32(x, reference.process_dt(dt, dt_bias, dt_softplus, dt_limit), A, B, initial_state)
 
 
@@ -73,8 +77,10 @@ def final_state_fp32(x, dt, A, B, initial_state) -> torch.Tensor:
     b, t, h, p = x.shape
     g = B.shape[2]
     log_decay = dt * A.float()  # (B, T, H)
-    total = log_decay.sum(1)  # (B, H)
-    weight = torch.exp(total[:, None] - log_decay.cumsum(1)) * dt  # (B, T, H): decay from t to the end, times dt_t
+    # The decay from t to the end, sum_{s>t}: a suffix sum, not total - prefix (that cancels digits at long T).
+    after = log_decay.flip(1).cumsum(1).flip(1) - log_decay
+    weight = torch.exp(after) * dt  # (B, T, H)
+    total = after[:, 0] + log_decay[:, 0]  # (B, H)
     xw = (x.float() * weight[..., None]).unflatten(2, (g, h // g))  # (B, T, G, H/G, P)
     state = torch.einsum("btgjp,btgn->bgjpn", xw, B.float()).flatten(1, 2)  # (B, H, P, N)
     if initial_state is not None:

@@ -32,11 +32,27 @@ def test_environment_grammar():
             backend.parse_env(bad)
 
 
+def test_fast_for_an_op_without_a_fast_path_is_refused():
+    with pytest.raises(backend.KernelSettingsError, match="mlstm_step=fast, but mlstm_step has no fast path"):
+        backend.parse_env("mlstm_step=fast")
+    with pytest.raises(backend.KernelSettingsError, match="no fast path"):
+        backend.configure(overrides={"gla_step": "fast"})
+
+
+def test_a_condition_without_a_fix_still_says_how_to_go_on(monkeypatch):
+    monkeypatch.setattr(backend, "load_function", lambda module, name: (print, ""))
+    choice = backend.plan("attention", "cuda", torch.bfloat16, unmet="flash-attn's varlen path takes no key prefix")
+    message = backend.fallback_message([choice.as_dict()])
+    assert "Fix: take the PyTorch reference on purpose" in message and "Fix: or" not in message
+
+
 def test_config_wins_over_the_environment_and_is_restored(monkeypatch):
     monkeypatch.setenv(backend.ENV, "reference,gla=fast,strict=true")
     with backend.using(overrides={"mlstm": "fast"}, strict=False) as s:
         assert (s.backend, dict(s.overrides), s.strict) == ("reference", {"gla": "fast", "mlstm": "fast"}, False)
         assert backend.settings() is s
+        with backend.using(overrides={"ssd": "reference"}) as inner:  # over the settings in force
+            assert dict(inner.overrides) == {"gla": "fast", "mlstm": "fast", "ssd": "reference"} and not inner.strict
     assert backend.settings() == backend.parse_env("reference,gla=fast,strict=true")
 
 

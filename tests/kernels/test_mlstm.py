@@ -27,13 +27,6 @@ def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def grad_close(a: torch.Tensor, b: torch.Tensor, tol: float = 5e-3) -> bool:
-    """rel_rmse below tol, or an RMS error at eps level: the Triton backward treats the stabiliser m as
-    a constant, so gradients that are zero up to eps = 1e-6 (d m0 from a zero state, d f at T = 1)
-    come out exactly 0 where autograd of the reference gives ~1e-7."""
-    return rel_rmse(a, b) < tol or (a.detach() - b.detach()).double().pow(2).mean().sqrt().item() < 1e-5
-
-
 def make_inputs(B, NH, T, DQK, DV, *, seed=0, with_state=False, device="cpu", dtype=torch.float32):
     """Gates spread like a trained xLSTM's (input gate around 0, forget gate mostly open)."""
     g = torch.Generator().manual_seed(seed)
@@ -207,35 +200,63 @@ needs_triton_device = pytest.mark.skipif(
 )
 
 
-TRITON_CASES = [  # (B, NH, T, DQK, DV, chunk)
-    (2, 3, 63, 24, 40, 16),
-    (2, 3, 1, 24, 40, 16),
-    (1, 2, 45, 40, 24, 32),
+TRITON_CASES = [  # (B, NH, T, DQK, DV, chunk, initial state); odd T and head sizes that are no power of two
+    (2, 3, 63, 24, 40, 16, False),
+    (2, 3, 63, 24, 40, 16, True),
+    (2, 3, 1, 24, 40, 16, True),  # (from a zero state at T = 1, d f is exactly 0: no relative error to take)
+    (1, 2, 45, 40, 24, 32, False),
+    (1, 2, 45, 40, 24, 32, True),
 ]
+# fp32, against the reference with the same backward (stabiliser as a constant): measured up to 1e-6 on
+# outputs and states and 5e-6 on gradients. fp16 inputs against fp32 on the same rounded inputs: see below.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
 
 
 @needs_triton_device
-@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
-@pytest.mark.parametrize("B,NH,T,DQK,DV,chunk", TRITON_CASES, ids=[
-    "B{}-NH{}-T{}-DQK{}-DV{}-L{}".format(*c) for c in TRITON_CASES])
-def test_triton_forward_backward_match_reference(nan_buffers, monkeypatch, B, NH, T, DQK, DV, chunk, with_state):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,NH,T,DQK,DV,chunk,with_state", TRITON_CASES, ids=[
+    "B{}-NH{}-T{}-DQK{}-DV{}-L{}-{}".format(*c[:6], "h0" if c[6] else "zero") for c in TRITON_CASES])
+def test_triton_forward_backward_match_reference(nan_buffers, monkeypatch, dtype, B, NH, T, DQK, DV, chunk,
+                                                 with_state):
+    """fp16 (the interpreter cannot do bf16): q, k, v rounded to fp16, the reference fed the same values in
+    fp32. Measured: outputs up to 5e-4, gradients up to 1.5e-3 (the kernel rounds its dot operands to fp16)."""
     (q, k, v, i, f), state = make_inputs(B, NH, T, DQK, DV, seed=T, with_state=with_state, device=DEVICE)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
     state = state or reference.zero_state(B, NH, DQK, DV, DEVICE)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v, i, f, *state)]
+    leaves = [x.clone().float().requires_grad_() for x in (q, k, v, i, f, *state)]
     dh = torch.randn(B, NH, T, DV, device=DEVICE)
 
-    h_ref, s_ref = reference.mlstm_chunkwise(*leaves[:5], initial_state=tuple(leaves[5:]), chunk_size=chunk)
+    h_ref, s_ref = reference.mlstm_chunkwise(*leaves[:5], initial_state=tuple(leaves[5:]), chunk_size=chunk,
+                                             stabilizer_grad=False)
     g_ref = torch.autograd.grad((h_ref * dh).sum(), leaves)
 
     monkeypatch.setenv("HP_KERNELS", "mlstm=fast")
-    h, s = mlstm_chunkwise(*leaves[:5], initial_state=tuple(leaves[5:]), chunk_size=chunk)
-    assert h.shape == h_ref.shape and h.dtype == torch.float32
-    assert rel_rmse(h, h_ref) < 5e-3
+    inputs = [x.detach().to(dtype).requires_grad_() for x in leaves[:3]] + [x.detach().requires_grad_()
+                                                                           for x in leaves[3:]]
+    h, s = mlstm_chunkwise(*inputs[:5], initial_state=tuple(inputs[5:]), chunk_size=chunk)
+    assert h.shape == h_ref.shape and h.dtype == dtype
+    tol = TOLERANCE[dtype]
+    assert rel_rmse(h, h_ref) < tol
     for name, a, b in zip("Cnm", s, s_ref):
-        assert a.dtype == torch.float32 and rel_rmse(a, b) < 5e-3, name
-    g = torch.autograd.grad((h * dh).sum(), leaves)
+        assert a.dtype == torch.float32 and rel_rmse(a, b) < tol, name
+    g = torch.autograd.grad((h.float() * dh).sum(), inputs)
     for name, a, b in zip(["dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0"], g, g_ref):
-        assert torch.isfinite(a).all() and grad_close(a, b), name
+        assert torch.isfinite(a).all() and rel_rmse(a, b) < tol, name
+
+
+def test_the_kernels_backward_differs_from_exact_autograd_only_where_the_stabiliser_floor_acts():
+    """What `stabilizer_grad=False` (the Triton kernel's and mlstm_kernels' backward) leaves out: the
+    dependence on m through the normaliser's floor exp(-m) and through eps. With a large q.n the floor is
+    never active and the two agree."""
+    (q, k, v, i, f), state = make_inputs(1, 2, 40, 16, 16, seed=5, with_state=True)
+    grads = []
+    for exact in (True, False):
+        leaves = [x.clone().requires_grad_() for x in (q * 10, k, v, i, f, *state)]
+        h, _ = reference.mlstm_chunkwise(*leaves[:5], initial_state=tuple(leaves[5:]), chunk_size=16,
+                                         stabilizer_grad=exact)
+        grads.append(torch.autograd.grad(h.sum(), leaves))
+    for name, a, b in zip(["dq", "dk", "dv", "di", "df", "dC0", "dn0"], *grads):
+        assert rel_rmse(a, b) < 1e-4, name
 
 
 @needs_triton_device
@@ -244,22 +265,22 @@ def test_triton_gradients_flow_through_final_state(nan_buffers, monkeypatch):
     (q, k, v, i, f), state = make_inputs(2, 3, 50, 24, 40, seed=3, with_state=True, device=DEVICE)
     dh = torch.randn(2, 3, 50, 40, device=DEVICE)
 
-    def chained(fn):
+    def chained(fn, **kw):
         leaves = [x.clone().requires_grad_() for x in (q, k, v, i, f, *state)]
         cut = 29
         first = [x[:, :, :cut] for x in leaves[:5]]
         second = [x[:, :, cut:] for x in leaves[:5]]
-        h1, s1 = fn(*first, initial_state=tuple(leaves[5:]), chunk_size=16)
-        h2, _ = fn(*second, initial_state=s1, chunk_size=16)
+        h1, s1 = fn(*first, initial_state=tuple(leaves[5:]), chunk_size=16, **kw)
+        h2, _ = fn(*second, initial_state=s1, chunk_size=16, **kw)
         h = torch.cat([h1, h2], dim=2)
         return h, torch.autograd.grad((h * dh).sum(), leaves)
 
-    h_ref, g_ref = chained(reference.mlstm_chunkwise)
+    h_ref, g_ref = chained(reference.mlstm_chunkwise, stabilizer_grad=False)
     monkeypatch.setenv("HP_KERNELS", "mlstm=fast")
     h, g = chained(mlstm_chunkwise)
-    assert rel_rmse(h, h_ref) < 5e-3
+    assert rel_rmse(h, h_ref) < 1e-5
     for name, a, b in zip(["dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0"], g, g_ref):
-        assert grad_close(a, b), name
+        assert rel_rmse(a, b) < 1e-5, name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or ON_CPU_INTERPRETER, reason="needs a CUDA GPU")

@@ -113,8 +113,21 @@ def test_when_every_checkpoint_is_damaged_the_run_stops_instead_of_starting_afre
         flip_bytes(step_file(run_copy, step, "mp_rank_00_model_states.pt"))
     run = train(TINY / "transformer.yaml", "schedule.steps=6", *SHORT, launcher="python", run_dir=run_copy,
                 extra=["--resume", "auto"], check=False)
-    clean_failure(run, 1, "every complete checkpoint under", "is damaged", "to start afresh")
-    assert not (run_copy / "checkpoints" / "step_00000006").exists()
+    clean_failure(run, 1, "every complete checkpoint under", "is damaged", "nothing was moved", "to start afresh")
+    assert [p.name for p in complete_checkpoints(run_copy / "checkpoints")] == ["step_00000002", "step_00000004"]
+    again = train(TINY / "transformer.yaml", "schedule.steps=6", *SHORT, launcher="python", run_dir=run_copy,
+                  extra=["--resume", "auto"], check=False)
+    clean_failure(again, 1, "every complete checkpoint under")  # and not a silent fresh start on the retry
+
+
+def test_a_run_would_not_write_over_complete_checkpoints(train, run_copy):
+    fresh = train(TINY / "transformer.yaml", "schedule.steps=6", *SHORT, launcher="python", run_dir=run_copy,
+                  check=False)
+    clean_failure(fresh, 1, "already holds complete checkpoints (step_00000002, step_00000004)", "--resume auto")
+    older = train(TINY / "transformer.yaml", "schedule.steps=6", *SHORT, launcher="python", run_dir=run_copy,
+                  extra=["--resume", str(run_copy / "checkpoints" / "step_00000002")], check=False)
+    clean_failure(older, 1, "newer than step_00000002 (step_00000004)", "move them away")
+    assert intact(run_copy) == {"step_00000002", "step_00000004"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,18 +280,19 @@ def test_retention_deletes_nothing_when_the_new_checkpoint_does_not_match_its_ma
         (folder / checkpoint.MARKER).write_text("")
     checkpoint._retain(root, root / "step_00000006", keep_last=1)  # its file reads back short
     assert len(complete_checkpoints(root)) == 3
+    checkpoint._retain(root, root / "step_00000002", keep_last=1)  # never the new one, nor newer ones
+    assert len(complete_checkpoints(root)) == 3
 
 
 def test_cuda_generators_are_saved_and_restored(monkeypatch):
-    """Simulated: no GPU here. The RNG file carries every CUDA generator's state and resume sets them back."""
-    states = [torch.ByteTensor([1, 2, 3]), torch.ByteTensor([4, 5, 6])]
+    """Simulated: no GPU here. The RNG file carries this rank's CUDA generator and resume sets it back."""
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: restored.extend(s))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.ByteTensor([1, 2, 3]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
     state = checkpoint.rng_state()
-    assert [s.tolist() for s in state["cuda"]] == [[1, 2, 3], [4, 5, 6]]
+    assert state["cuda"].tolist() == [1, 2, 3]
     cpu = torch.get_rng_state()
     torch.rand(3)
     checkpoint.restore_rng(state)
-    assert torch.equal(torch.get_rng_state(), cpu) and [s.tolist() for s in restored] == [[1, 2, 3], [4, 5, 6]]
+    assert torch.equal(torch.get_rng_state(), cpu) and [s.tolist() for s in restored] == [[1, 2, 3]]
