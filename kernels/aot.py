@@ -15,6 +15,9 @@ dispatcher can choose. `jit_kernels_missing_from_registry()` names any kernel wi
     python -m kernels.aot                       # table for sm_80 and sm_90
     python -m kernels.aot --json out.json       # machine-readable, used by the tests
     python -m kernels.aot --module some.module  # only that module's AOT_KERNELS
+    python -m kernels.aot --budget              # also fail on a register spill over SPILL_BUDGET
+
+The spill budget holds at every shipped shape: `python bench/kernel_resources.py` compiles those and checks it.
 
 Must run without TRITON_INTERPRET=1: the interpreter replaces kernels by Python functions.
 """
@@ -33,6 +36,14 @@ from pathlib import Path
 
 # Shared memory a block may use (opt-in maximum): H100 227 KiB, A100 163 KiB (CUDA programming guide).
 TARGETS = {"sm_80": (80, 163 * 1024), "sm_90": (90, 227 * 1024)}
+# Register spill a kernel may have, bytes of stack per thread, at every shape a shipped config runs
+# (bench/kernel_resources.py): none in a forward kernel, a little in a backward one.
+SPILL_BUDGET = {"forward": 0, "backward": 512}
+
+
+def spill_budget(kernel: str) -> int:
+    """Backward kernels are named *_bw_* or *_bwd_* (kernels/mlstm, gla, delta_rule)."""
+    return SPILL_BUDGET["backward" if "_bw" in kernel else "forward"]
 
 
 @dataclass
@@ -54,6 +65,10 @@ class CompileResult:
     @property
     def fits(self) -> bool:
         return self.ok and self.shared_bytes is not None and self.shared_bytes <= self.shared_limit
+
+
+def over_budget(result: CompileResult) -> bool:
+    return result.ok and (result.stack_bytes is None or result.stack_bytes > spill_budget(result.kernel))
 
 
 def narrow_program_ids(ttir: str) -> int:
@@ -173,16 +188,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--module", action="append", help="only these modules (default: every kernel module)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--budget", action="store_true", help="also fail on a spill over SPILL_BUDGET")
     args = parser.parse_args()
     missing = [] if args.module else jit_kernels_missing_from_registry()
     for name in missing:
         print(f"{name} is a Triton kernel with no AOT_KERNELS entry: add one so it is compiled here")
     results = compile_all(args.module)
     print_table(results)
+    over = [r for r in results if args.budget and over_budget(r)]
+    for r in over:
+        print(f"OVER BUDGET: {r.kernel} {r.target} spills {r.stack_bytes} bytes a thread "
+              f"(budget {spill_budget(r.kernel)})")
     if args.json:
-        report = {"missing": missing, "results": [asdict(r) | {"fits": r.fits} for r in results]}
+        report = {"missing": missing, "results": [asdict(r) | {"fits": r.fits, "over_budget": over_budget(r)}
+                                                  for r in results]}
         args.json.write_text(json.dumps(report, indent=1))
-    return 0 if not missing and all(r.fits and not r.narrow_program_ids for r in results) else 1
+    return 0 if not missing and not over and all(r.fits and not r.narrow_program_ids for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -36,10 +36,18 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int, int]:
     return int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"])
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Ends the process group. `clean=False` is the error path, where another rank may be gone already."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        # Without the barrier a rank sometimes aborts ("terminate called without an active exception").
+    if not dist.is_initialized():
+        return
+    # Without the barrier a rank sometimes aborts ("terminate called without an active exception").
+    if clean:
         dist.barrier()
-        dist.destroy_process_group()
+    elif dist.get_backend() == "gloo":
+        try:  # ranks that all raised the same (collective) error meet here; a lone failing rank waits 30 s
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
+        except RuntimeError:
+            pass
+    dist.destroy_process_group()

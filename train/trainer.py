@@ -148,10 +148,22 @@ def train_step(run: TrainEngine, micro_batches: list[dict], par: Parallel, lr: f
 
 def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
     """Trains per `cfg`; returns the logged records (rank 0's view, identical on every rank)."""
-    model_config = cfg.model.model_dump(mode="json")
     preemption = Preemption()  # SIGUSR1/SIGTERM: checkpoint after the current step, then exit 75
     configure_kernels(cfg)
     par = setup_parallel(cfg)
+    try:
+        records = _train(cfg, par, resume, preemption)
+    except BaseException:
+        # A process group left to interpreter teardown sometimes aborts the process ("terminate called without
+        # an active exception", exit -6) after the error is printed, which loses the run's exit code.
+        shutdown(clean=False)
+        raise
+    shutdown()
+    return records
+
+
+def _train(cfg: RunConfig, par: Parallel, resume: str | None, preemption: Preemption) -> list[dict]:
+    model_config = cfg.model.model_dump(mode="json")
     rank = par.rank
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)  # (the launcher's logging set-up made it already)
@@ -231,5 +243,4 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
                 preemption.exit(step)  # logs "preempted at step N", exits with PREEMPTED_EXIT_CODE
     finally:
         metrics.close()
-    shutdown()
     return records

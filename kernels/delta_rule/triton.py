@@ -5,24 +5,32 @@ Layout is flash-linear-attention's: q, k (B, T, H, K), v (B, T, H, V), g and bet
 beta = 0, g = 0: no effect), so the kernels need no time masks; K and V need not be powers of two
 (masked loads, KF = K rounded up to a power of two).
 
-Per chunk every kernel rebuilds the chunk's small (L, L) pieces from q, k, g, beta: the decay matrix
-Gamma, M = tril(diag(beta) K K^T * Gamma, -1) and T = (I + M)^-1 by forward substitution (exact; a
-Neumann product would square M's entries and lose digits), W = T diag(beta exp(gamma)) K.
+Per chunk, `_gdr_wy_kernel` (grid (NC, B*H), chunk-parallel) builds the WY pieces once: the decay matrix
+Gamma, M = tril(diag(beta) K K^T * Gamma, -1), T^-1 = (I + M)^-1 by forward substitution (exact; a
+Neumann product would square M's entries and lose digits), W = T^-1 diag(beta exp(gamma)) K and the
+scaled causal attention P = (Q K^T * Gamma) * scale. It walks K in blocks of BK and writes W (like k,
+fp32), T^-1 and P ((L, L) per chunk, fp32); the backward recomputes them rather than keeping them.
 
-Kernels (a "state tile" is (KF, BV) fp32 in registers: the update W S needs all of K):
+The state walks hold a (KF, BV) fp32 state tile in registers (W S needs all of K) and one (L, KF) tile
+at a time; the chunk-parallel kernels walk K in blocks, so no kernel spills at K = 256 (the spill
+budget of tests/kernels/test_aot.py):
   1. `_gdr_fwd_kernel`, grid (V blocks, B*H): walks the chunks in order; writes o and the final state,
      or, when recomputing for the backward, the state at every chunk boundary. States are recomputed
      rather than kept, as in kernels/gla: they would be the largest activation of the model.
   2. `_gdr_bwd_dstates_kernel`, grid (V blocks, B*H): walks the chunks backwards, writing d loss / d S at
      every boundary (the first is the initial-state gradient):
-         dV_new = (Q K^T * Gamma)^T dO + diag(exp(gamma_L - gamma)) K dS_{c+1}
+         dV_new = P^T dO + diag(exp(gamma_L - gamma)) K dS_{c+1}
          dS_c   = exp(gamma_L) dS_{c+1} + (diag(exp(gamma)) Q)^T dO - W^T dV_new
-  3. `_gdr_bwd_chunk_kernel`, grid (NC, B*H): every other gradient of one chunk (dq, dk, dv, dbeta and
-     d gamma, the gradient of the cumulative log decay) by the chain rule through the WY form; V is
-     walked in blocks. d g is the reverse cumulative sum of d gamma inside each chunk (PyTorch, O(T)).
+  3. `_gdr_bwd_values_kernel`, grid (NC, B*H): walks V in blocks for dv and everything the key side
+     needs summed over V: d P, d T^-1 (L, L), dO S^T, V_new dS^T, d W (L, K), their parts of d beta and
+     d gamma_L (written to fp32 buffers).
+  4. `_gdr_bwd_keys_kernel`, grid (NC, B*H): dq, dk, d beta and d gamma (the gradient of the cumulative
+     log decay) by the chain rule through the WY form, walking K in blocks. d g is the reverse cumulative
+     sum of d gamma inside each chunk (PyTorch, O(T)).
 
-Matmuls and all accumulation are fp32 ("ieee" dots for fp32 inputs, tf32 otherwise; the triangular
-inverse always "ieee"). Under TRITON_INTERPRET=1 the same code runs on the CPU.
+Matmuls and all accumulation are fp32 ("ieee" dots for fp32 inputs, tf32 otherwise: TF32 adds at most
+3e-3 rel-RMS at real head sizes, a third of what bf16 operands would, tests/kernels/test_tf32.py; the
+triangular inverse always "ieee"). Under TRITON_INTERPRET=1 the same code runs on the CPU.
 """
 
 from __future__ import annotations
@@ -54,31 +62,63 @@ def _unit_lower_inverse(m, L: tl.constexpr):
 
 
 @triton.jit
-def _chunk_wy(q_ptr, k_ptr, g_ptr, beta_ptr, tok, offs_kf, mask_kf, scale, K: tl.constexpr, L: tl.constexpr,
-              PREC: tl.constexpr):
-    """The chunk's q, k (L, KF), beta, gamma (L,), gamma_L, Gamma (L, L), M, T^-1, W, and the scaled
-    causal attention P = (Q K^T * Gamma) * scale (zero above the diagonal)."""
+def _chunk_gates(g_ptr, beta_ptr, tok, L: tl.constexpr):
+    """beta, the cumulative log decay gamma (L,), its total gamma_L and the decay Gamma (L, L), zero
+    above the diagonal (masked before exp: gamma_t - gamma_s > 0 there and could overflow)."""
     rows = tl.arange(0, L)
-    causal = rows[:, None] >= rows[None, :]
-    q = tl.load(q_ptr + tok[:, None] * K + offs_kf[None, :], mask=mask_kf[None, :], other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + tok[:, None] * K + offs_kf[None, :], mask=mask_kf[None, :], other=0.0).to(tl.float32)
     g = tl.load(g_ptr + tok).to(tl.float32)
     beta = tl.load(beta_ptr + tok).to(tl.float32)
     gamma = tl.cumsum(g, axis=0)
     gamma_last = tl.sum(g, axis=0)
-    decay = tl.exp(tl.where(causal, gamma[:, None] - gamma[None, :], float("-inf")))  # (L, L)
-    kk = tl.dot(k, tl.trans(k), input_precision="ieee")
+    decay = tl.exp(tl.where(rows[:, None] >= rows[None, :], gamma[:, None] - gamma[None, :], float("-inf")))
+    return beta, gamma, gamma_last, decay
+
+
+@triton.jit
+def _load_rows(ptr, tok, offs, width: tl.constexpr):
+    """Rows `tok` of a (tokens, width) buffer at columns `offs` (masked past width), as fp32."""
+    return tl.load(ptr + tok[:, None] * width + offs[None, :], mask=offs[None, :] < width, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, tok, offs, width: tl.constexpr, x):
+    tl.store(ptr + tok[:, None] * width + offs[None, :], x.to(ptr.dtype.element_ty),
+             mask=(offs[None, :] < width) & (tok[:, None] >= 0))
+
+
+@triton.jit
+def _gdr_wy_kernel(
+    q_ptr, k_ptr, g_ptr, beta_ptr,
+    w_ptr, tinv_ptr, p_ptr,  # W (B*T*H, K) fp32; T^-1 and P (BH, NC, L, L) fp32
+    T, H, scale,
+    K: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    b_idx, h = bh // H, bh % H
+    rows = tl.arange(0, L)
+    tok = (b_idx * T + c * L + rows) * H + h  # (L,) token index into (B*T*H)
+    beta, gamma, gamma_last, decay = _chunk_gates(g_ptr, beta_ptr, tok, L)
+    kk = tl.zeros([L, L], dtype=tl.float32)
+    qk = tl.zeros([L, L], dtype=tl.float32)
+    for kb in range(0, K, BK):
+        offs_k = kb + tl.arange(0, BK)
+        k = _load_rows(k_ptr, tok, offs_k, K)
+        kk += tl.dot(k, tl.trans(k), input_precision="ieee")
+        qk += tl.dot(_load_rows(q_ptr, tok, offs_k, K), tl.trans(k), input_precision=PREC)
     m = tl.where(rows[:, None] > rows[None, :], beta[:, None] * kk * decay, 0.0)
     t_inv = _unit_lower_inverse(m, L)
-    k_t = k * (beta * tl.exp(gamma))[:, None]  # diag(beta exp(gamma)) K
-    w = tl.dot(t_inv, k_t, input_precision="ieee")  # (L, KF)
-    p = tl.dot(q, tl.trans(k), input_precision=PREC) * decay * scale
-    return q, k, beta, gamma, gamma_last, decay, kk, m, t_inv, k_t, w, p
+    for kb in range(0, K, BK):
+        offs_k = kb + tl.arange(0, BK)
+        k_t = _load_rows(k_ptr, tok, offs_k, K) * (beta * tl.exp(gamma))[:, None]  # diag(beta exp(gamma)) K
+        _store_rows(w_ptr, tok, offs_k, K, tl.dot(t_inv, k_t, input_precision="ieee"))
+    ll = ((bh * (T // L) + c) * L + rows)[:, None] * L + rows[None, :]
+    tl.store(tinv_ptr + ll, t_inv)
+    tl.store(p_ptr + ll, qk * decay * scale)
 
 
 @triton.jit
 def _gdr_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr,
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, w_ptr, tinv_ptr, p_ptr,
     o_ptr, ht_ptr, hs_ptr,  # o like v; final state (BH, K, V); boundary states (BH, NC+1, K, V)
     T, H, scale,
     K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, KF: tl.constexpr, BV: tl.constexpr,
@@ -89,28 +129,28 @@ def _gdr_fwd_kernel(
     NC = T // L
     rows = tl.arange(0, L)
     offs_kf = tl.arange(0, KF)
-    mask_kf = offs_kf < K
     offs_v = pid_v * BV + tl.arange(0, BV)
-    mask_v = offs_v < V
     offs_kv = offs_kf[:, None] * V + offs_v[None, :]
-    mask_kv = mask_kf[:, None] & mask_v[None, :]
+    mask_kv = (offs_kf[:, None] < K) & (offs_v[None, :] < V)
 
     S = tl.load(h0_ptr + bh * K * V + offs_kv, mask=mask_kv, other=0.0)  # (KF, BV)
     for c in range(NC):
         if RECOMPUTE:
             tl.store(hs_ptr + (bh * (NC + 1) + c) * K * V + offs_kv, S, mask=mask_kv)
-        tok = (b_idx * T + c * L + rows) * H + h  # (L,) token index into (B*T*H)
-        q, k, beta, gamma, gamma_last, decay, kk, m, t_inv, k_t, w, p = _chunk_wy(
-            q_ptr, k_ptr, g_ptr, beta_ptr, tok, offs_kf, mask_kf, scale, K, L, PREC)
-        v = tl.load(v_ptr + tok[:, None] * V + offs_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
-        u = tl.dot(t_inv, v * beta[:, None], input_precision="ieee")  # (L, BV)
-        v_new = u - tl.dot(w, S, input_precision=PREC)
+        tok = (b_idx * T + c * L + rows) * H + h
+        ll = ((bh * NC + c) * L + rows)[:, None] * L + rows[None, :]
+        beta, gamma, gamma_last, _ = _chunk_gates(g_ptr, beta_ptr, tok, L)
+        v = _load_rows(v_ptr, tok, offs_v, V)
+        u = tl.dot(tl.load(tinv_ptr + ll), v * beta[:, None], input_precision="ieee")  # (L, BV)
+        # One (L, KF) tile live at a time (q, then W, then K): two at once spilled at K = 256.
         if not RECOMPUTE:
+            q = _load_rows(q_ptr, tok, offs_kf, K)
             o = tl.dot(q * (tl.exp(gamma) * scale)[:, None], S, input_precision=PREC)
-            o += tl.dot(p, v_new, input_precision=PREC)
-            tl.store(o_ptr + tok[:, None] * V + offs_v[None, :], o.to(o_ptr.dtype.element_ty),
-                     mask=mask_v[None, :])
-        k_dec = k * tl.exp(gamma_last - gamma)[:, None]
+        v_new = u - tl.dot(_load_rows(w_ptr, tok, offs_kf, K), S, input_precision=PREC)
+        if not RECOMPUTE:
+            o += tl.dot(tl.load(p_ptr + ll), v_new, input_precision=PREC)
+            _store_rows(o_ptr, tok, offs_v, V, o)
+        k_dec = _load_rows(k_ptr, tok, offs_kf, K) * tl.exp(gamma_last - gamma)[:, None]
         S = tl.exp(gamma_last) * S + tl.dot(tl.trans(k_dec), v_new, input_precision=PREC)
     if RECOMPUTE:
         tl.store(hs_ptr + (bh * (NC + 1) + NC) * K * V + offs_kv, S, mask=mask_kv)
@@ -120,7 +160,7 @@ def _gdr_fwd_kernel(
 
 @triton.jit
 def _gdr_bwd_dstates_kernel(
-    q_ptr, k_ptr, g_ptr, beta_ptr, do_ptr, dht_ptr,
+    q_ptr, k_ptr, g_ptr, beta_ptr, do_ptr, dht_ptr, w_ptr, p_ptr,
     dhs_ptr,  # d loss / d S at chunk boundaries (BH, NC+1, K, V)
     T, H, scale,
     K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, KF: tl.constexpr, BV: tl.constexpr,
@@ -131,33 +171,35 @@ def _gdr_bwd_dstates_kernel(
     NC = T // L
     rows = tl.arange(0, L)
     offs_kf = tl.arange(0, KF)
-    mask_kf = offs_kf < K
     offs_v = pid_v * BV + tl.arange(0, BV)
-    mask_v = offs_v < V
     offs_kv = offs_kf[:, None] * V + offs_v[None, :]
-    mask_kv = mask_kf[:, None] & mask_v[None, :]
+    mask_kv = (offs_kf[:, None] < K) & (offs_v[None, :] < V)
 
     dS = tl.load(dht_ptr + bh * K * V + offs_kv, mask=mask_kv, other=0.0)  # (KF, BV)
     for cc in range(NC):
         c = NC - 1 - cc
         tl.store(dhs_ptr + (bh * (NC + 1) + c + 1) * K * V + offs_kv, dS, mask=mask_kv)
         tok = (b_idx * T + c * L + rows) * H + h
-        q, k, beta, gamma, gamma_last, decay, kk, m, t_inv, k_t, w, p = _chunk_wy(
-            q_ptr, k_ptr, g_ptr, beta_ptr, tok, offs_kf, mask_kf, scale, K, L, PREC)
-        do = tl.load(do_ptr + tok[:, None] * V + offs_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
-        k_dec = k * tl.exp(gamma_last - gamma)[:, None]
-        dv_new = tl.dot(tl.trans(p), do, input_precision=PREC) + tl.dot(k_dec, dS, input_precision=PREC)
-        q_dec = q * (tl.exp(gamma) * scale)[:, None]
+        ll = ((bh * NC + c) * L + rows)[:, None] * L + rows[None, :]
+        beta, gamma, gamma_last, _ = _chunk_gates(g_ptr, beta_ptr, tok, L)
+        do = _load_rows(do_ptr, tok, offs_v, V)
+        k_dec = _load_rows(k_ptr, tok, offs_kf, K) * tl.exp(gamma_last - gamma)[:, None]
+        dv_new = (tl.dot(tl.trans(tl.load(p_ptr + ll)), do, input_precision=PREC)
+                  + tl.dot(k_dec, dS, input_precision=PREC))
+        q_dec = _load_rows(q_ptr, tok, offs_kf, K) * (tl.exp(gamma) * scale)[:, None]
         dS = (tl.exp(gamma_last) * dS + tl.dot(tl.trans(q_dec), do, input_precision=PREC)
-              - tl.dot(tl.trans(w), dv_new, input_precision=PREC))
+              - tl.dot(tl.trans(_load_rows(w_ptr, tok, offs_kf, K)), dv_new, input_precision=PREC))
     tl.store(dhs_ptr + (bh * (NC + 1)) * K * V + offs_kv, dS, mask=mask_kv)
 
 
 @triton.jit
-def _gdr_bwd_chunk_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, do_ptr, hs_ptr, dhs_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dgamma_ptr,  # dq, dk, dv like q, k, v; dbeta, dgamma (B, T, H) fp32
-    T, H, scale,
+def _gdr_bwd_values_kernel(
+    k_ptr, v_ptr, g_ptr, beta_ptr, do_ptr, hs_ptr, dhs_ptr, w_ptr, tinv_ptr, p_ptr,
+    dv_ptr,  # like v
+    dp_ptr, dt_ptr,  # d loss / d P and / d T^-1, (BH, NC, L, L) fp32
+    dos_ptr, vnds_ptr, dw_ptr,  # dO S_c^T, V_new dS_{c+1}^T, d loss / d W: (B*T*H, K) fp32
+    dbeta_ptr, dglast_ptr,  # the value side's part of d beta (B*T*H) and of d gamma_L (BH, NC), fp32
+    T, H,
     K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, KF: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -165,33 +207,31 @@ def _gdr_bwd_chunk_kernel(
     b_idx, h = bh // H, bh % H
     NC = T // L
     rows = tl.arange(0, L)
-    causal = rows[:, None] >= rows[None, :]
-    strict = rows[:, None] > rows[None, :]
     offs_kf = tl.arange(0, KF)
-    mask_kf = offs_kf < K
     tok = (b_idx * T + c * L + rows) * H + h
+    ll = ((bh * NC + c) * L + rows)[:, None] * L + rows[None, :]
     s_c = (bh * (NC + 1) + c) * K * V  # offset of S_c; dS_{c+1} is at s_c + K * V in dhs
-    q, k, beta, gamma, gamma_last, decay, kk, m, t_inv, k_t, w, p = _chunk_wy(
-        q_ptr, k_ptr, g_ptr, beta_ptr, tok, offs_kf, mask_kf, scale, K, L, PREC)
-    k_dec = k * tl.exp(gamma_last - gamma)[:, None]
-    q_dec = q * (tl.exp(gamma) * scale)[:, None]
+    beta, gamma, gamma_last, _ = _chunk_gates(g_ptr, beta_ptr, tok, L)
+    t_inv = tl.load(tinv_ptr + ll)
+    p = tl.load(p_ptr + ll)
+    w = _load_rows(w_ptr, tok, offs_kf, K)
+    k_dec = _load_rows(k_ptr, tok, offs_kf, K) * tl.exp(gamma_last - gamma)[:, None]
 
-    dp = tl.zeros([L, L], dtype=tl.float32)  # d loss / d P
-    dt = tl.zeros([L, L], dtype=tl.float32)  # d loss / d T^-1
-    do_S = tl.zeros([L, KF], dtype=tl.float32)  # dO S_c^T
-    vn_dS = tl.zeros([L, KF], dtype=tl.float32)  # V_new dS_{c+1}^T
+    dp = tl.zeros([L, L], dtype=tl.float32)
+    dt = tl.zeros([L, L], dtype=tl.float32)
+    do_S = tl.zeros([L, KF], dtype=tl.float32)
+    vn_dS = tl.zeros([L, KF], dtype=tl.float32)
     dw = tl.zeros([L, KF], dtype=tl.float32)
     dbeta = tl.zeros([L], dtype=tl.float32)
     dgamma_last = tl.sum(tl.zeros([L], dtype=tl.float32), axis=0)
     for vb in range(0, V, BV):
         offs_v = vb + tl.arange(0, BV)
-        mask_v = offs_v < V
         offs_kv = offs_kf[:, None] * V + offs_v[None, :]
-        mask_kv = mask_kf[:, None] & mask_v[None, :]
+        mask_kv = (offs_kf[:, None] < K) & (offs_v[None, :] < V)
         S = tl.load(hs_ptr + s_c + offs_kv, mask=mask_kv, other=0.0)  # (KF, BV)
         dS = tl.load(dhs_ptr + s_c + K * V + offs_kv, mask=mask_kv, other=0.0)
-        v = tl.load(v_ptr + tok[:, None] * V + offs_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + tok[:, None] * V + offs_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
+        v = _load_rows(v_ptr, tok, offs_v, V)
+        do = _load_rows(do_ptr, tok, offs_v, V)
         v_b = v * beta[:, None]
         v_new = tl.dot(t_inv, v_b, input_precision="ieee") - tl.dot(w, S, input_precision=PREC)
         dv_new = tl.dot(tl.trans(p), do, input_precision=PREC) + tl.dot(k_dec, dS, input_precision=PREC)
@@ -201,35 +241,79 @@ def _gdr_bwd_chunk_kernel(
         dw -= tl.dot(dv_new, tl.trans(S), input_precision=PREC)
         dt += tl.dot(dv_new, tl.trans(v_b), input_precision="ieee")
         dv_b = tl.dot(tl.trans(t_inv), dv_new, input_precision="ieee")  # d loss / d (diag(beta) V)
-        tl.store(dv_ptr + tok[:, None] * V + offs_v[None, :], (dv_b * beta[:, None]).to(dv_ptr.dtype.element_ty),
-                 mask=mask_v[None, :] & (rows[:, None] >= 0))
+        _store_rows(dv_ptr, tok, offs_v, V, dv_b * beta[:, None])
         dbeta += tl.sum(dv_b * v, axis=1)
         dgamma_last += tl.sum(dS * S) * tl.exp(gamma_last)
 
-    dt += tl.dot(dw, tl.trans(k_t), input_precision="ieee")
-    dk_t = tl.dot(tl.trans(t_inv), dw, input_precision="ieee")  # d loss / d (diag(beta exp(gamma)) K)
+    tl.store(dp_ptr + ll, dp)
+    tl.store(dt_ptr + ll, dt)
+    _store_rows(dos_ptr, tok, offs_kf, K, do_S)
+    _store_rows(vnds_ptr, tok, offs_kf, K, vn_dS)
+    _store_rows(dw_ptr, tok, offs_kf, K, dw)
+    tl.store(dbeta_ptr + tok, dbeta)
+    tl.store(dglast_ptr + bh * NC + c, dgamma_last)
+
+
+@triton.jit
+def _gdr_bwd_keys_kernel(
+    q_ptr, k_ptr, g_ptr, beta_ptr, tinv_ptr, p_ptr, dp_ptr, dt_ptr, dos_ptr, vnds_ptr, dw_ptr, dglast_ptr,
+    dq_ptr, dk_ptr,  # like q, k
+    dbeta_ptr, dgamma_ptr,  # (B*T*H) fp32: d beta holds the value side's part on entry
+    T, H, scale,
+    K: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    b_idx, h = bh // H, bh % H
+    rows = tl.arange(0, L)
+    causal = rows[:, None] >= rows[None, :]
+    strict = rows[:, None] > rows[None, :]
+    tok = (b_idx * T + c * L + rows) * H + h
+    ll = ((bh * (T // L) + c) * L + rows)[:, None] * L + rows[None, :]
+    beta, gamma, gamma_last, decay = _chunk_gates(g_ptr, beta_ptr, tok, L)
+    k_scale = beta * tl.exp(gamma)  # K_t = diag(beta exp(gamma)) K
+    t_inv = tl.load(tinv_ptr + ll)
+    p = tl.load(p_ptr + ll)
+    dp = tl.where(causal, tl.load(dp_ptr + ll), 0.0)
+
+    # Pass 1 over K: K K^T (for M) and the W = T^-1 K_t part of d T^-1.
+    kk = tl.zeros([L, L], dtype=tl.float32)
+    dt = tl.load(dt_ptr + ll)
+    for kb in range(0, K, BK):
+        offs_k = kb + tl.arange(0, BK)
+        k = _load_rows(k_ptr, tok, offs_k, K)
+        kk += tl.dot(k, tl.trans(k), input_precision="ieee")
+        dt += tl.dot(_load_rows(dw_ptr, tok, offs_k, K), tl.trans(k * k_scale[:, None]), input_precision="ieee")
+    m = tl.where(strict, beta[:, None] * kk * decay, 0.0)
     dm = -tl.dot(tl.dot(tl.trans(t_inv), dt, input_precision="ieee"), tl.trans(t_inv), input_precision="ieee")
     dm = tl.where(strict, dm, 0.0)  # only the strictly lower part of M is a function of the inputs
-    dp = tl.where(causal, dp, 0.0)
     dp_decay = dp * decay * scale  # d loss / d (Q K^T) through P
     dm_decay = dm * decay * beta[:, None]  # d loss / d (K K^T) through M
-
-    dq = tl.exp(gamma)[:, None] * do_S * scale + tl.dot(dp_decay, k, input_precision=PREC)
-    dk = (tl.dot(tl.trans(dp_decay), q, input_precision=PREC) + tl.exp(gamma_last - gamma)[:, None] * vn_dS
-          + tl.dot(dm_decay, k, input_precision="ieee") + tl.dot(tl.trans(dm_decay), k, input_precision="ieee")
-          + (beta * tl.exp(gamma))[:, None] * dk_t)
-    dbeta += tl.sum(dm * kk * decay, axis=1) + tl.exp(gamma) * tl.sum(k * dk_t, axis=1)
+    dbeta = tl.load(dbeta_ptr + tok) + tl.sum(dm * kk * decay, axis=1)
     # d gamma: every exp(gamma_t - gamma_s) weight gives +x to row t and -x to column s.
     x = dm * m + dp * p
-    k_dec_dS = tl.sum(k_dec * vn_dS, axis=1)
-    dgamma = (tl.sum(x, axis=1) - tl.sum(x, axis=0) + tl.sum(k_t * dk_t, axis=1) + tl.sum(q_dec * do_S, axis=1)
-              - k_dec_dS)
-    dgamma_last += tl.sum(k_dec_dS, axis=0)
-    dgamma += tl.where(rows == L - 1, dgamma_last, 0.0)
+    dgamma = tl.sum(x, axis=1) - tl.sum(x, axis=0)
+    dgamma_last = tl.load(dglast_ptr + bh * (T // L) + c)
 
-    mask_tk = mask_kf[None, :] & (rows[:, None] >= 0)
-    tl.store(dq_ptr + tok[:, None] * K + offs_kf[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask_tk)
-    tl.store(dk_ptr + tok[:, None] * K + offs_kf[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask_tk)
+    # Pass 2 over K: dq, dk and the per-token sums over K.
+    for kb in range(0, K, BK):
+        offs_k = kb + tl.arange(0, BK)
+        q = _load_rows(q_ptr, tok, offs_k, K)
+        k = _load_rows(k_ptr, tok, offs_k, K)
+        do_S = _load_rows(dos_ptr, tok, offs_k, K)
+        vn_dS = _load_rows(vnds_ptr, tok, offs_k, K)
+        dk_t = tl.dot(tl.trans(t_inv), _load_rows(dw_ptr, tok, offs_k, K), input_precision="ieee")
+        dq = tl.exp(gamma)[:, None] * do_S * scale + tl.dot(dp_decay, k, input_precision=PREC)
+        dk = (tl.dot(tl.trans(dp_decay), q, input_precision=PREC) + tl.exp(gamma_last - gamma)[:, None] * vn_dS
+              + tl.dot(dm_decay, k, input_precision="ieee") + tl.dot(tl.trans(dm_decay), k, input_precision="ieee")
+              + k_scale[:, None] * dk_t)
+        _store_rows(dq_ptr, tok, offs_k, K, dq)
+        _store_rows(dk_ptr, tok, offs_k, K, dk)
+        k_dk_t = tl.sum(k * dk_t, axis=1)
+        k_dec_vn_dS = tl.sum(k * vn_dS, axis=1) * tl.exp(gamma_last - gamma)
+        dbeta += tl.exp(gamma) * k_dk_t
+        dgamma += k_scale * k_dk_t + tl.sum(q * do_S, axis=1) * tl.exp(gamma) * scale - k_dec_vn_dS
+        dgamma_last += tl.sum(k_dec_vn_dS, axis=0)
+    dgamma += tl.where(rows == L - 1, dgamma_last, 0.0)
     tl.store(dbeta_ptr + tok, dbeta)
     tl.store(dgamma_ptr + tok, dgamma)
 
@@ -239,25 +323,39 @@ def _gdr_bwd_chunk_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-# Two pipeline stages, not Triton's default three: at K = V = 256 in fp32 the third stage's operand
-# buffers take the backward chunk kernel to 224 KiB of shared memory, past an A100's 163 KiB
-# (found by kernels/aot.py); two stages need 156 KiB.
-BWD_CHUNK_STAGES = 2
+# One pipeline stage for the state walk: prefetching the next chunk's (L, K) tiles is what spilled its
+# registers at K = 256 (kernels/aot.py); the walk is bound by its dots, not its loads.
+FWD_STAGES = 1
 
 
-def _tiles(K: int, V: int) -> tuple[int, int, int]:
-    """(KF, BV, num_warps): all of K in one tile (W S and the decay need it), V in blocks of 32."""
+def _tiles(K: int, V: int) -> tuple[int, int, int, int]:
+    """(KF, BK, BV, num_warps): the state tile (KF, BV) holds all of K (W S needs it) and V in blocks of 32,
+    or of 16 above K = 64; the chunk-parallel kernels walk K in blocks of BK."""
     kf = max(triton.next_power_of_2(K), 16)
-    return kf, min(max(triton.next_power_of_2(V), 16), 32), 4 if kf <= 64 else 8
+    bv = min(max(triton.next_power_of_2(V), 16), 32 if kf <= 64 else 16)
+    return kf, min(kf, 64), bv, 4 if kf <= 64 else 8
 
 
-def _fwd(q, k, v, g, beta, h0, scale, chunk_size, recompute):
-    """Inputs contiguous with T a multiple of chunk_size. Returns (o, final state), or the NC + 1
-    boundary states (BH, NC+1, K, V) when recomputing for the backward."""
+def _wy(q, k, g, beta, scale, chunk_size):
+    """W (B*T*H, K), T^-1 and P (BH, NC, L, L), all fp32, of every chunk (chunk-parallel)."""
+    B, T, H, K = q.shape
+    NC, L = T // chunk_size, chunk_size
+    _, BK, _, warps = _tiles(K, K)
+    w = launch.alloc(B, T, H, K, dtype=torch.float32, device=q.device)
+    t_inv = launch.alloc(B * H, NC, L, L, dtype=torch.float32, device=q.device)
+    p = launch.alloc(B * H, NC, L, L, dtype=torch.float32, device=q.device)
+    _gdr_wy_kernel[(NC, B * H)](q, k, g, beta, w, t_inv, p, T, H, scale, K=K, L=L, BK=BK,
+                                PREC=launch.dot_precision(q.dtype), num_warps=warps)
+    return w, t_inv, p
+
+
+def _fwd(q, k, v, g, beta, h0, wy, scale, chunk_size, recompute):
+    """Inputs contiguous with T a multiple of chunk_size, wy = _wy(...). Returns (o, final state), or the
+    NC + 1 boundary states (BH, NC+1, K, V) when recomputing for the backward."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     NC = T // chunk_size
-    KF, BV, warps = _tiles(K, V)
+    KF, _, BV, warps = _tiles(K, V)
     if recompute:
         o = ht = q  # unused pointers
         hs = launch.alloc(B * H, NC + 1, K, V, dtype=torch.float32, device=q.device)
@@ -266,9 +364,9 @@ def _fwd(q, k, v, g, beta, h0, scale, chunk_size, recompute):
         ht = launch.alloc(B, H, K, V, dtype=torch.float32, device=q.device)
         hs = ht  # unused pointer
     _gdr_fwd_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, v, g, beta, h0, o, ht, hs, T, H, scale,
+        q, k, v, g, beta, h0, *wy, o, ht, hs, T, H, scale,
         K=K, V=V, L=chunk_size, KF=KF, BV=BV, RECOMPUTE=recompute, PREC=launch.dot_precision(q.dtype),
-        num_warps=warps,
+        num_warps=warps, num_stages=FWD_STAGES,
     )
     return hs if recompute else (o, ht)
 
@@ -277,23 +375,30 @@ def _bwd(q, k, v, g, beta, h0, do, dht, scale, chunk_size):
     """Gradients of q, k, v, g, beta and the initial state; inputs contiguous, T a multiple of L."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    NC = T // chunk_size
-    KF, BV, warps = _tiles(K, V)
+    NC, L = T // chunk_size, chunk_size
+    KF, BK, BV, warps = _tiles(K, V)
     prec = launch.dot_precision(q.dtype)
-    hs = _fwd(q, k, v, g, beta, h0, scale, chunk_size, recompute=True)
+    w, t_inv, p = wy = _wy(q, k, g, beta, scale, chunk_size)
+    hs = _fwd(q, k, v, g, beta, h0, wy, scale, chunk_size, recompute=True)
     dhs = launch.alloc(B * H, NC + 1, K, V, dtype=torch.float32, device=q.device)
+    _gdr_bwd_dstates_kernel[(triton.cdiv(V, BV), B * H)](
+        q, k, g, beta, do, dht, w, p, dhs, T, H, scale, K=K, V=V, L=L, KF=KF, BV=BV, PREC=prec, num_warps=warps,
+    )
+    dv = launch.alloc(*v.shape, dtype=v.dtype, device=q.device)
+    dp, dt = (launch.alloc(B * H, NC, L, L, dtype=torch.float32, device=q.device) for _ in range(2))
+    do_S, vn_dS, dw = (launch.alloc(B, T, H, K, dtype=torch.float32, device=q.device) for _ in range(3))
+    dbeta = launch.alloc(*g.shape, dtype=torch.float32, device=q.device)
+    dgamma_last = launch.alloc(B * H, NC, dtype=torch.float32, device=q.device)
+    _gdr_bwd_values_kernel[(NC, B * H)](
+        k, v, g, beta, do, hs, dhs, w, t_inv, p, dv, dp, dt, do_S, vn_dS, dw, dbeta, dgamma_last, T, H,
+        K=K, V=V, L=L, KF=KF, BV=BV, PREC=prec, num_warps=warps,
+    )
     dq = launch.alloc(*q.shape, dtype=q.dtype, device=q.device)
     dk = launch.alloc(*k.shape, dtype=k.dtype, device=q.device)
-    dv = launch.alloc(*v.shape, dtype=v.dtype, device=q.device)
-    dbeta = launch.alloc(*g.shape, dtype=torch.float32, device=q.device)
     dgamma = launch.alloc(*g.shape, dtype=torch.float32, device=q.device)
-    _gdr_bwd_dstates_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, g, beta, do, dht, dhs, T, H, scale, K=K, V=V, L=chunk_size, KF=KF, BV=BV, PREC=prec,
-        num_warps=warps,
-    )
-    _gdr_bwd_chunk_kernel[(NC, B * H)](
-        q, k, v, g, beta, do, hs, dhs, dq, dk, dv, dbeta, dgamma, T, H, scale,
-        K=K, V=V, L=chunk_size, KF=KF, BV=BV, PREC=prec, num_warps=warps, num_stages=BWD_CHUNK_STAGES,
+    _gdr_bwd_keys_kernel[(NC, B * H)](
+        q, k, g, beta, t_inv, p, dp, dt, do_S, vn_dS, dw, dgamma_last, dq, dk, dbeta, dgamma, T, H, scale,
+        K=K, L=L, BK=BK, PREC=prec, num_warps=warps,
     )
     # gamma_t = sum of g over the chunk up to t: d g_t = sum of d gamma over t' >= t in the same chunk.
     dgamma = dgamma.view(B, NC, chunk_size, H)
@@ -310,7 +415,8 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, chunk_size):
         with launch.on_device(q):
-            o, ht = _fwd(q, k, v, g, beta, h0, scale, chunk_size, recompute=False)
+            wy = _wy(q, k, g, beta, scale, chunk_size)
+            o, ht = _fwd(q, k, v, g, beta, h0, wy, scale, chunk_size, recompute=False)
         ctx.save_for_backward(q, k, v, g, beta, h0)
         ctx.scale, ctx.chunk_size = scale, chunk_size
         return o, ht
@@ -366,24 +472,26 @@ def chunk_gated_delta_rule_triton(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _aot_specs() -> list[dict]:
-    """One entry per (kernel, dtype, chunk size) at MoM's head sizes (K = V = 256), in each chunk size it takes."""
+def aot_specs(k: int, v: int, chunk_size: int, dtype: str) -> list[dict]:
+    """The kernels one call at these head sizes, chunk and dtype ('fp32', 'bf16', 'fp16') launches, as
+    ahead-of-time compile entries (kernels/aot.py)."""
     in_dtype = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
-    K = V = 256
-    KF, BV, warps = _tiles(K, V)
-    specs = []
-    for L in TRITON_CHUNK_SIZES:
-        for dtype, torch_dtype in launch.DTYPES:
-            base = {"K": K, "V": V, "L": L, "KF": KF, "BV": BV, "PREC": launch.dot_precision(torch_dtype)}
-            for fn, consts in (
-                (_gdr_fwd_kernel, {**base, "RECOMPUTE": False}),
-                (_gdr_fwd_kernel, {**base, "RECOMPUTE": True}),
-                (_gdr_bwd_dstates_kernel, base),
-                (_gdr_bwd_chunk_kernel, base),
-            ):
-                stages = BWD_CHUNK_STAGES if fn is _gdr_bwd_chunk_kernel else None
-                specs.append(launch.aot_spec(fn, consts, dtype, in_dtype, warps, num_stages=stages))
-    return specs
+    KF, BK, BV, warps = _tiles(k, v)
+    _, _, _, wy_warps = _tiles(k, k)
+    prec = launch.dot_precision(dict(launch.DTYPES)[dtype])
+    state = {"K": k, "V": v, "L": chunk_size, "KF": KF, "BV": BV, "PREC": prec}
+    blocked = {"K": k, "L": chunk_size, "BK": BK, "PREC": prec}
+    return [launch.aot_spec(fn, consts, dtype, in_dtype, n_warps, **extra) for fn, consts, n_warps, extra in (
+        (_gdr_wy_kernel, blocked, wy_warps, {}),
+        (_gdr_fwd_kernel, {**state, "RECOMPUTE": False}, warps, {"num_stages": FWD_STAGES}),
+        (_gdr_fwd_kernel, {**state, "RECOMPUTE": True}, warps, {"num_stages": FWD_STAGES}),
+        (_gdr_bwd_dstates_kernel, state, warps, {}),
+        (_gdr_bwd_values_kernel, state, warps, {}),
+        (_gdr_bwd_keys_kernel, blocked, warps, {}),
+    )]
 
 
-AOT_KERNELS: list[dict] = _aot_specs()
+# MoM's head sizes (K = V = 256), every dtype and chunk size the dispatcher takes; bench/kernel_resources.py
+# adds every shipped config's shape.
+AOT_KERNELS: list[dict] = [spec for chunk in TRITON_CHUNK_SIZES for dtype, _ in launch.DTYPES
+                           for spec in aot_specs(256, 256, chunk, dtype)]

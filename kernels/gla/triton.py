@@ -20,7 +20,8 @@ pairwise over (L, L, BK) tiles and never factored as exp(b_t) * exp(-b_s), which
 decays are strong (HGRN2's first layer has no lower bound on its forget gates). That is why the default
 chunk is 16 tokens: the pairwise tile stays small in registers.
 
-Matmuls and all accumulation are fp32 ("ieee" dots for fp32 inputs, tf32 otherwise). Under
+Matmuls and all accumulation are fp32 ("ieee" dots for fp32 inputs, tf32 otherwise: TF32 adds at most
+3e-3 rel-RMS at real head sizes, a third of what bf16 operands would, tests/kernels/test_tf32.py). Under
 TRITON_INTERPRET=1 the same code runs on the CPU.
 """
 
@@ -75,12 +76,9 @@ def _gla_fwd_kernel(
             tl.store(hs_ptr + (bh * (NC + 1) + c) * K * V + offs_kv, S, mask=mask_kv)
         tok = (b_idx * T + c * L + rows) * H + h  # (L,) token index into (B*T*H)
         rows_k, rows_v = tok * K, tok * V
-        q = tl.load(q_ptr + rows_k[:, None] + offs_kf[None, :], mask=mask_kf[None, :], other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + rows_k[:, None] + offs_kf[None, :], mask=mask_kf[None, :], other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + rows_k[:, None] + offs_kf[None, :], mask=mask_kf[None, :], other=0.0).to(tl.float32)
         v = tl.load(v_ptr + rows_v[:, None] + offs_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
-        b = tl.cumsum(g, axis=0)  # (L, KF)
-        b_last = tl.sum(g, axis=0)  # (KF,)
+        # The intra-chunk part first, in (L, L, BK) tiles, before any (L, KF) tile is live: keeping the
+        # whole-K q, k and decays alive across this loop spilled registers at K = 256.
         if not RECOMPUTE:
             A = tl.zeros([L, L], dtype=tl.float32)  # sum_k q_t k_s exp(b_t - b_s), s <= t
             for kb in range(0, K, BK):
@@ -90,9 +88,15 @@ def _gla_fwd_kernel(
                 qb = tl.load(q_ptr + rows_k[:, None] + offs_k[None, :], mask=mask_k[None, :], other=0.0)
                 kb_ = tl.load(k_ptr + rows_k[:, None] + offs_k[None, :], mask=mask_k[None, :], other=0.0)
                 A += tl.sum(qb.to(tl.float32)[:, None, :] * kb_.to(tl.float32)[None, :, :] * decay, axis=2)
+        g = tl.load(g_ptr + rows_k[:, None] + offs_kf[None, :], mask=mask_kf[None, :], other=0.0).to(tl.float32)
+        b = tl.cumsum(g, axis=0)  # (L, KF)
+        b_last = tl.sum(g, axis=0)  # (KF,)
+        if not RECOMPUTE:
+            q = tl.load(q_ptr + rows_k[:, None] + offs_kf[None, :], mask=mask_kf[None, :], other=0.0).to(tl.float32)
             o = tl.dot(q * tl.exp(b), S, input_precision=PREC) + tl.dot(A, v, input_precision=PREC)
             tl.store(o_ptr + rows_v[:, None] + offs_v[None, :], (o * scale).to(o_ptr.dtype.element_ty),
                      mask=mask_v[None, :])
+        k = tl.load(k_ptr + rows_k[:, None] + offs_kf[None, :], mask=mask_kf[None, :], other=0.0).to(tl.float32)
         k_dec = k * tl.exp(b_last[None, :] - b)  # (L, KF) weight of token s in the next state
         S = tl.exp(b_last)[:, None] * S + tl.dot(tl.trans(k_dec), v, input_precision=PREC)
     if RECOMPUTE:
@@ -219,9 +223,11 @@ def _gla_bwd_chunk_kernel(
 
 def _tiles(K: int, V: int) -> tuple[int, int, int, int]:
     """(KF, BK, BV, num_warps): the whole key dim as one state tile (the state needs all of K for
-    q S and for the decay), K in blocks of 32 for the pairwise (L, L, BK) tiles, V in blocks of 32."""
+    q S and for the decay), K in blocks of 32 for the pairwise (L, L, BK) tiles, V in blocks of 32, or
+    of 16 above K = 128, where the (KF, 32) state tile spilled registers in the forward."""
     kf = max(triton.next_power_of_2(K), 16)
-    return kf, min(kf, 32), min(max(triton.next_power_of_2(V), 16), 32), 4 if kf <= 128 else 8
+    bv = min(max(triton.next_power_of_2(V), 16), 32 if kf <= 128 else 16)
+    return kf, min(kf, 32), bv, 4 if kf <= 128 else 8
 
 
 def _fwd(q, k, v, g, h0, scale, chunk_size, recompute):
@@ -335,23 +341,21 @@ def chunk_gla_triton(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _aot_specs() -> list[dict]:
-    """One entry per (kernel, dtype, chunk size) at HGRN2's head sizes (K = V = 128) and MoM's (K = V = 256)."""
+def aot_specs(k: int, v: int, chunk_size: int, dtype: str) -> list[dict]:
+    """The kernels one call at these head sizes, chunk and dtype ('fp32', 'bf16', 'fp16') launches, as
+    ahead-of-time compile entries (kernels/aot.py)."""
     in_dtype = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
-    specs = []
-    for (K, V), L in [(shape, L) for shape in ((128, 128), (256, 256)) for L in TRITON_CHUNK_SIZES]:
-        KF, BK, BV, warps = _tiles(K, V)
-        for dtype, torch_dtype in launch.DTYPES:
-            prec = launch.dot_precision(torch_dtype)
-            shape = {"K": K, "V": V, "L": L, "PREC": prec}
-            for fn, consts in (
-                (_gla_fwd_kernel, {**shape, "KF": KF, "BK": BK, "BV": BV, "RECOMPUTE": False}),
-                (_gla_fwd_kernel, {**shape, "KF": KF, "BK": BK, "BV": BV, "RECOMPUTE": True}),
-                (_gla_bwd_dstates_kernel, {**shape, "KF": KF, "BV": BV}),
-                (_gla_bwd_chunk_kernel, {**shape, "BK": BK, "BV": BV}),
-            ):
-                specs.append(launch.aot_spec(fn, consts, dtype, in_dtype, warps))
-    return specs
+    KF, BK, BV, warps = _tiles(k, v)
+    shape = {"K": k, "V": v, "L": chunk_size, "PREC": launch.dot_precision(dict(launch.DTYPES)[dtype])}
+    return [launch.aot_spec(fn, consts, dtype, in_dtype, warps) for fn, consts in (
+        (_gla_fwd_kernel, {**shape, "KF": KF, "BK": BK, "BV": BV, "RECOMPUTE": False}),
+        (_gla_fwd_kernel, {**shape, "KF": KF, "BK": BK, "BV": BV, "RECOMPUTE": True}),
+        (_gla_bwd_dstates_kernel, {**shape, "KF": KF, "BV": BV}),
+        (_gla_bwd_chunk_kernel, {**shape, "BK": BK, "BV": BV}),
+    )]
 
 
-AOT_KERNELS: list[dict] = _aot_specs()
+# HGRN2's head sizes (K = V = 128) and MoM's (K = V = 256), every dtype and chunk size the dispatcher takes;
+# bench/kernel_resources.py adds every shipped config's shape.
+AOT_KERNELS: list[dict] = [spec for kv in (128, 256) for chunk in TRITON_CHUNK_SIZES for dtype, _ in launch.DTYPES
+                           for spec in aot_specs(kv, kv, chunk, dtype)]

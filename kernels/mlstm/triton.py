@@ -327,16 +327,17 @@ def _mlstm_bw_dqkv_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------------
 
-NUM_WARPS = 4
+NUM_WARPS = 8
+# Two pipeline stages for the forward state walk, not Triton's default three: the third stage's prefetch
+# took it to a stack frame at small fp32 heads (the recall recipe's 16 x 32, kernels/aot.py).
+FW_STATES_STAGES = 2
 
 
-def _blocks(dqk: int, dv: int, dtype: torch.dtype, chunk_size: int = 64) -> tuple[int, int]:
-    """Tile sizes for DQK and DV: up to 64 in bf16/fp16 (32 with 128-token chunks) and 32 in fp32, at
-    least 16 (tl.dot's minimum). Larger tiles would not fit the dq/dk/dv kernel in shared memory on
-    an A100 (163 KiB)."""
-    cap = 64 if dtype != torch.float32 else 32
-    if chunk_size > 64:
-        cap //= 2
+def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
+    """Tile sizes for DQK and DV: 32 in bf16/fp16 and 16 in fp32, at least 16 (tl.dot's minimum). With
+    NUM_WARPS = 8 that keeps every kernel within the spill budget at every shipped head size
+    (tests/kernels/test_aot.py): 64-wide tiles spilled 2-3 KB a thread in the dq/dk/dv kernel."""
+    cap = 32 if dtype != torch.float32 else 16
     return (min(max(triton.next_power_of_2(dqk), 16), cap), min(max(triton.next_power_of_2(dv), 16), cap))
 
 
@@ -345,7 +346,7 @@ def _states_fw(k, v, i, f, c0, n0, m0, chunk_size):
     B, NH, T, DQK = k.shape
     DV = v.shape[-1]
     NC = triton.cdiv(T, chunk_size)
-    BK, BV = _blocks(DQK, DV, k.dtype, chunk_size)
+    BK, BV = _blocks(DQK, DV, k.dtype)
     cs = launch.alloc(B * NH, NC + 1, DQK, DV, dtype=torch.float32, device=k.device)
     ns = launch.alloc(B * NH, NC + 1, DQK, dtype=torch.float32, device=k.device)
     ms = launch.alloc(B * NH, NC + 1, dtype=torch.float32, device=k.device)
@@ -353,6 +354,7 @@ def _states_fw(k, v, i, f, c0, n0, m0, chunk_size):
     _mlstm_fw_states_kernel[grid](
         k, v, i, f, c0, n0, m0, cs, ns, ms, T, NC,
         DQK=DQK, DV=DV, L=chunk_size, BK=BK, BV=BV, PREC=launch.dot_precision(k.dtype), num_warps=NUM_WARPS,
+        num_stages=FW_STATES_STAGES,
     )
     return cs, ns, ms
 
@@ -362,7 +364,7 @@ def _mlstm_fw(q, k, v, i, f, c0, n0, m0, chunk_size, eps):
     B, NH, T, DQK = q.shape
     DV = v.shape[-1]
     NC = triton.cdiv(T, chunk_size)
-    BK, BV = _blocks(DQK, DV, q.dtype, chunk_size)
+    BK, BV = _blocks(DQK, DV, q.dtype)
     cs, ns, ms = _states_fw(k, v, i, f, c0, n0, m0, chunk_size)
     h = launch.alloc(B, NH, T, DV, dtype=q.dtype, device=q.device)
     m_row = launch.alloc(B * NH, T, dtype=torch.float32, device=q.device)
@@ -380,7 +382,7 @@ def _mlstm_bw(q, k, v, i, f, c0, n0, m0, h, m_row, z, dh, dcT, dnT, chunk_size, 
     B, NH, T, DQK = q.shape
     DV = v.shape[-1]
     NC = triton.cdiv(T, chunk_size)
-    BK, BV = _blocks(DQK, DV, q.dtype, chunk_size)
+    BK, BV = _blocks(DQK, DV, q.dtype)
     prec = launch.dot_precision(q.dtype)
     cs, ns, ms = _states_fw(k, v, i, f, c0, n0, m0, chunk_size)  # recomputed, see module docstring
 
@@ -459,8 +461,7 @@ def mlstm_chunkwise_triton(
     q, k: (B, NH, T, DQK); v: (B, NH, T, DV) (one dtype: fp32, bf16 or fp16); i_preact, f_preact:
     (B, NH, T); initial_state: (C (B,NH,DQK,DV), n (B,NH,DQK), m (B,NH,1)) or None.
     Returns h (B, NH, T, DV) in q's dtype and the final fp32 state (C, n, m).
-    chunk_size (16, 32, 64 or 128) only trades speed for memory, the math is the same; fp32 inputs
-    use at most 64.
+    chunk_size (16, 32 or 64) only trades speed for memory, the math is the same.
 
     Example (CUDA, or CPU with TRITON_INTERPRET=1):
         >>> q = k = torch.randn(1, 2, 100, 32, device="cuda"); v = torch.randn(1, 2, 100, 48, device="cuda")
@@ -470,8 +471,6 @@ def mlstm_chunkwise_triton(
     check_inputs(q, k, v, i_preact, f_preact, initial_state)
     launch.check_half_or_fp32(q, k, v)
     launch.check_chunk(chunk_size, TRITON_CHUNK_SIZES)
-    if q.dtype == torch.float32:
-        chunk_size = min(chunk_size, 64)  # fp32 tiles of 128 tokens overflow an A100's shared memory
     B, NH, T, DQK = q.shape
     DV = v.shape[-1]
     if initial_state is None:
@@ -493,26 +492,26 @@ def mlstm_chunkwise_triton(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _aot_specs() -> list[dict]:
-    """One entry per (kernel, dtype, chunk size) at xLSTM-7B's head sizes (DQK 256, DV 512): chunks of
-    64 tokens in every dtype, and of 128 in bf16/fp16 (fp32 never uses 128, see the public function)."""
+def aot_specs(dqk: int, dv: int, chunk_size: int, dtype: str) -> list[dict]:
+    """The kernels one call at these head sizes, chunk and dtype ('fp32', 'bf16', 'fp16') launches, as
+    ahead-of-time compile entries (kernels/aot.py)."""
+    torch_dtype = dict(launch.DTYPES)[dtype]
     in_dtype = {"q_ptr", "k_ptr", "v_ptr", "i_ptr", "f_ptr", "h_ptr", "dh_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
-    specs = []
-    for dtype, torch_dtype in launch.DTYPES:
-        for chunk_size in (64,) if torch_dtype == torch.float32 else (64, 128):
-            bk, bv = _blocks(256, 512, torch_dtype, chunk_size)
-            sizes = {"DQK": 256, "DV": 512, "L": chunk_size, "BK": bk, "BV": bv,
-                     "PREC": launch.dot_precision(torch_dtype)}
-            for fn, consts in (
-                (_mlstm_fw_states_kernel, sizes),
-                (_mlstm_fw_h_kernel, sizes),
-                (_mlstm_bw_prep_kernel, {"DV": 512, "L": chunk_size, "BV": bv}),
-                (_mlstm_bw_dstates_kernel, sizes),
-                (_mlstm_bw_dqkv_kernel, sizes),
-            ):
-                # inputs and their gradients in the model dtype; states, gate math, scalars in fp32 / i32
-                specs.append(launch.aot_spec(fn, consts, dtype, in_dtype, NUM_WARPS, chunk_size=chunk_size))
-    return specs
+    bk, bv = _blocks(dqk, dv, torch_dtype)
+    sizes = {"DQK": dqk, "DV": dv, "L": chunk_size, "BK": bk, "BV": bv, "PREC": launch.dot_precision(torch_dtype)}
+    # inputs and their gradients in the model dtype; states, gate math, scalars in fp32 / i32
+    kernels = (
+        (_mlstm_fw_states_kernel, sizes),
+        (_mlstm_fw_h_kernel, sizes),
+        (_mlstm_bw_prep_kernel, {"DV": dv, "L": chunk_size, "BV": bv}),
+        (_mlstm_bw_dstates_kernel, sizes),
+        (_mlstm_bw_dqkv_kernel, sizes),
+    )
+    return [launch.aot_spec(fn, consts, dtype, in_dtype, NUM_WARPS, chunk_size=chunk_size,
+                            num_stages=FW_STATES_STAGES if fn is _mlstm_fw_states_kernel else None)
+            for fn, consts in kernels]
 
 
-AOT_KERNELS: list[dict] = _aot_specs()
+# xLSTM-7B's head sizes (DQK 256, DV 512) in its chunk of 64 tokens, every dtype; bench/kernel_resources.py
+# adds every shipped config's shape.
+AOT_KERNELS: list[dict] = [spec for dtype, _ in launch.DTYPES for spec in aot_specs(256, 512, 64, dtype)]

@@ -33,6 +33,18 @@ def int32_offsets(a_ptr, c_ptr, N, BLOCK: tl.constexpr):
     tl.store(c_ptr + pid * N + idx, tl.load(a_ptr + pid * N + idx))
 
 
+@triton.jit
+def register_tile_too_large(a_ptr, b_ptr, c_ptr, K, BLOCK: tl.constexpr):
+    # A (128, 128) fp32 accumulator in one warp: 512 values a thread, past the 255 registers it may have.
+    idx = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k in range(0, K, BLOCK):
+        a = tl.load(a_ptr + idx[:, None] * K + (k + idx[None, :]))
+        b = tl.load(b_ptr + (k + idx[:, None]) * BLOCK + idx[None, :])
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + idx[:, None] * BLOCK + idx[None, :], acc)
+
+
 _SIG = {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32"}
 AOT_KERNELS = [
     {"fn": dot_too_small, "name": "dot_too_small", "dtype": "fp32", "num_warps": 4,
@@ -41,4 +53,7 @@ AOT_KERNELS = [
      "signature": {**_SIG, "K": "i32", "BLOCK": "constexpr"}, "constexprs": {"BLOCK": 256}},
     {"fn": int32_offsets, "name": "int32_offsets", "dtype": "fp32", "num_warps": 4,
      "signature": {"a_ptr": "*fp32", "c_ptr": "*fp32", "N": "i32", "BLOCK": "constexpr"}, "constexprs": {"BLOCK": 32}},
+    {"fn": register_tile_too_large, "name": "register_tile_too_large", "dtype": "fp16", "num_warps": 1,
+     "signature": {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32", "BLOCK": "constexpr"},
+     "constexprs": {"BLOCK": 128}},
 ]

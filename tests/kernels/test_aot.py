@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles for A100 (sm_80) and H100 (sm_90) in every dtype and config it registers.
+"""Every Triton kernel compiles for A100 (sm_80) and H100 (sm_90) in every dtype and config it registers and at
+every shape a shipped config runs, within the spill budget there (kernels/aot.SPILL_BUDGET).
 
 The compiler runs in a subprocess without TRITON_INTERPRET (which the rest of the suite sets), since the
 interpreter replaces kernels by Python functions.
@@ -15,12 +16,30 @@ from harness import ROOT
 pytestmark = pytest.mark.slow
 
 
-def run_aot(tmp_path, *args: str) -> tuple[int, dict, str]:
+def run_aot(tmp_path, *args: str, command=("-m", "kernels.aot")) -> tuple[int, dict, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
     out = tmp_path / "aot.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--json", str(out), *args], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, *command, "--json", str(out), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=1200)
     return proc.returncode, json.loads(out.read_text()), proc.stdout + proc.stderr
+
+
+def test_every_shipped_shape_compiles_within_the_spill_budget(tmp_path):
+    code, report, output = run_aot(tmp_path, command=("bench/kernel_resources.py",))
+    shipped = {(s["module"].split(".")[1], s["k"], s["v"], s["chunk"], s["dtype"]) for s in report["shipped"]}
+    # The shapes real runs use (xLSTM-7B, HGRN2, MoM) and the tiny configs' own, each found from the configs.
+    assert {("mlstm", 256, 512, 64, "bf16"), ("gla", 128, 128, 16, "bf16"), ("delta_rule", 256, 256, 16, "bf16"),
+            ("mlstm", 32, 64, 64, "fp32"), ("delta_rule", 16, 16, 16, "fp32")} <= shipped, shipped
+    at_shipped = [r for r in report["results"] if r["shipped_shape"]]
+    assert {r["module"] for r in at_shipped} == {f"kernels.{m}.triton" for m, *_ in shipped}
+    assert all(r["ok"] and r["stack_bytes"] is not None for r in at_shipped)
+    over = [f"{r['kernel']} {r['target']} {r['dtype']} {r['config']}: {r['stack_bytes']} B" for r in at_shipped
+            if r["over_budget"]]
+    assert not over, "spills over budget (forward 0, backward 512 bytes a thread):\n" + "\n".join(over)
+    # MoM's `gla` backend at its head size 256 is compiled too (AOT_KERNELS), in every dtype.
+    assert {r["dtype"] for r in report["results"] if r["module"] == "kernels.gla.triton"
+            and "K=256" in r["config"].split(",")} == {"fp32", "bf16", "fp16"}
+    assert code == 0, output[-3000:]
 
 
 def test_every_registered_kernel_compiles_and_fits_on_a100_and_h100(tmp_path):
@@ -53,7 +72,7 @@ def test_every_registered_kernel_compiles_and_fits_on_a100_and_h100(tmp_path):
 
 
 def test_the_check_fails_on_broken_kernels_naming_them(tmp_path):
-    code, report, output = run_aot(tmp_path, "--module", "tests.kernels.aot_broken_kernels")
+    code, report, output = run_aot(tmp_path, "--module", "tests.kernels.aot_broken_kernels", "--budget")
     assert code != 0
     by_kernel = {(r["kernel"], r["target"]): r for r in report["results"]}
     for target in ("sm_80", "sm_90"):
@@ -64,3 +83,7 @@ def test_the_check_fails_on_broken_kernels_naming_them(tmp_path):
     assert "dot_too_small" in output and "FAIL" in output
     for target in ("sm_80", "sm_90"):
         assert by_kernel[("int32_offsets", target)]["narrow_program_ids"] == 1
+        spilling = by_kernel[("register_tile_too_large", target)]
+        assert spilling["fits"] and spilling["over_budget"] and spilling["stack_bytes"] > 512
+        assert not by_kernel[("int32_offsets", target)]["over_budget"]
+    assert "OVER BUDGET: register_tile_too_large sm_80" in output
