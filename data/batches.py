@@ -31,6 +31,14 @@ from .shards import TokenShards
 STATE_VERSION = 1
 
 
+def cu_seqlens(doc_ids: np.ndarray) -> torch.Tensor:
+    """(n, L) document index per token -> (N + 1,) cumulative document lengths over the flattened n*L tokens,
+    every row end included (models/documents.py)."""
+    starts = np.ones(doc_ids.shape, dtype=bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return torch.from_numpy(np.append(np.flatnonzero(starts), doc_ids.size))
+
+
 class TrainBatches:
     """This rank's micro batches of each optimizer step, from prepared shards."""
 
@@ -119,6 +127,7 @@ class TrainBatches:
             ids[rows] = np.searchsorted(self.shards.offsets[shard], pos[rows], side="right") - 1
         return ids - ids[:, :1]
 
+
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro batches of the next optimizer step (len == grad_accum_steps)."""
         bucket, chunks = self.global_batch(self.step)
@@ -126,7 +135,9 @@ class TrainBatches:
         per_rank = len(chunks) // self.dp_size
         mine = chunks[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
         seqs = self._read(bucket, mine)  # (per_rank, L + 1)
-        doc_ids = self._doc_ids(bucket, mine) if self.cfg.reset_at_doc_boundary else None
+        # Decompose rows are one document each: only concat rows need their boundaries.
+        separate = self.cfg.separate_documents and self.cfg.mode == "concat"
+        doc_ids = self._doc_ids(bucket, mine) if separate else None
         per_micro = per_rank // self.grad_accum_steps
         micro = []
         for m in range(self.grad_accum_steps):
@@ -136,7 +147,7 @@ class TrainBatches:
                 "labels": torch.from_numpy(seqs[rows, 1:].copy()),  # (b, t)
             }
             if doc_ids is not None:
-                batch["doc_ids"] = torch.from_numpy(doc_ids[rows].copy())
+                batch["cu_seqlens"] = cu_seqlens(doc_ids[rows])
             micro.append(batch)
         return micro
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 STDLIB_SOURCE = "python-stdlib"
 
@@ -174,17 +174,27 @@ class DataConfig(BaseModel):
         ),
     )
     cycles: int = Field(default=8, ge=1, description="Number of Grow-P2 cycles per epoch.")
-    reset_at_doc_boundary: bool = Field(
+    separate_documents: bool = Field(
         default=False,
         description=(
-            "Add 'doc_ids' (LongTensor (b, t), 0-based per row) to every micro batch so a model can mask "
-            "attention or reset its state where a new document starts (all zeros in decompose mode)."
+            "Concat mode: every micro batch carries its document boundaries ('cu_seqlens', the cumulative "
+            "document lengths over its flattened tokens) and every layer runs each document as a fresh "
+            "sequence, so no token sees another document (models/documents.py). Decompose mode rows are "
+            "one document each already and carry none."
         ),
     )
     verify_checksums: bool = Field(
         default=True,
         description="Check the sha256 of the shards against the manifest when training starts.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values):
+        if isinstance(values, dict) and "reset_at_doc_boundary" in values:
+            raise ValueError("data.reset_at_doc_boundary is now data.separate_documents (every family keeps "
+                             "packed documents apart); rename the key")
+        return values
 
     @field_validator("sources")
     @classmethod

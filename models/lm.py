@@ -13,12 +13,9 @@ from torch.utils.checkpoint import checkpoint
 
 from models.block import Block
 from models.config import ModelConfig
+from models.documents import Documents
 from models.flops import TRAINING_FACTOR, linear
 from models.norms import RMSNorm
-
-# Mixers that keep packed documents apart given doc_ids: attention masks across documents, the mLSTM
-# resets its memory at each document start. The others would need the same in their kernels.
-DOC_BOUNDARY_MIXERS = {"attention", "mlstm"}
 
 
 @dataclass
@@ -79,26 +76,27 @@ class CausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         state: list | None = None,
         return_state: bool = False,
-        doc_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> LMOutput:
         """input_ids, labels: (B, T). `state` continues from an earlier call (prefill in pieces).
 
-        doc_ids (B, T): the document of each token when several are packed in a row (the concat baseline's
-        data.reset_at_doc_boundary); no token then sees another document. Only mixers in
-        DOC_BOUNDARY_MIXERS can do that; other models raise."""
-        if doc_ids is not None:
-            unsupported = sorted(set(self.cfg.layer_mixers()) - DOC_BOUNDARY_MIXERS)
-            if unsupported or state is not None:
-                raise ValueError(f"document boundaries (doc_ids) are kept by {sorted(DOC_BOUNDARY_MIXERS)} layers "
-                                 f"on a fresh state only, not by {unsupported or 'a continued state'}")
+        cu_seqlens (N + 1,): packed documents (models/documents.py), the cumulative document lengths over
+        the flattened B*T tokens; every layer then runs each document as a fresh sequence, so no token sees
+        another document. Checked here, before any kernel sees it."""
+        docs = None
+        if cu_seqlens is not None:
+            if state is not None or return_state:
+                raise ValueError("packed documents (cu_seqlens) start on a fresh state and return none; "
+                                 "prefill and decode one document per row")
+            docs = Documents.from_cu_seqlens(cu_seqlens, *input_ids.shape, device=input_ids.device)
         x = self.embed(input_ids)  # (B, T, D)
         new_state = []
         for i, block in enumerate(self.blocks):
             layer_state = None if state is None else state[i]
             if self.cfg.activation_checkpointing and self.training and layer_state is None:
-                x, layer_state = checkpoint(block, x, None, doc_ids, use_reentrant=False)
+                x, layer_state = checkpoint(block, x, None, docs, use_reentrant=False)
             else:
-                x, layer_state = block(x, layer_state, doc_ids)
+                x, layer_state = block(x, layer_state, docs)
             new_state.append(layer_state)
         logits = self._logits(x)
         loss = None if labels is None else lm_loss(logits, labels)

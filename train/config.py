@@ -120,15 +120,10 @@ class RunConfig(Section):
         if self.eval.every and self.data.holdout_fraction == 0:
             raise ValueError("eval.every > 0 scores held-out documents: set data.holdout_fraction > 0 "
                              "(and prepare the data again) or eval.every=0")
-        if self.data.reset_at_doc_boundary and self.data.mode == "concat":
-            from models.lm import DOC_BOUNDARY_MIXERS
-
-            unsupported = sorted(set(self.model.layer_mixers()) - DOC_BOUNDARY_MIXERS)
-            if unsupported or self.parallel.sequence_parallel_size > 1:
-                raise ValueError(
-                    f"data.reset_at_doc_boundary is kept by {sorted(DOC_BOUNDARY_MIXERS)} layers without sequence "
-                    f"parallelism; not by {unsupported or 'parallel.sequence_parallel_size > 1'}: set it to false"
-                )
+        if self.data.separate_documents and self.data.mode == "concat" and self.parallel.sequence_parallel_size > 1:
+            raise ValueError("data.separate_documents does not run under sequence parallelism yet (a document "
+                             "would be cut between ranks): set parallel.sequence_parallel_size=1, or use "
+                             "data.mode=decompose, whose rows are one document each")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "

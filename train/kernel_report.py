@@ -13,11 +13,14 @@ from pathlib import Path
 import torch
 
 from kernels import backend
-from kernels.attention.dispatch import PER_ROW_DOCUMENTS
 from models import CausalLM
 from train.config import RunConfig
 
 logger = logging.getLogger(__name__)
+
+# How a packed run (data.separate_documents) keeps its documents apart (models/block.py).
+PACKED_DOCUMENTS = ("packed documents: attention layers by varlen attention on cu_seqlens; every other layer "
+                    "on each document alone (models/documents.py per_document)")
 
 
 def configure_kernels(cfg: RunConfig) -> backend.Settings:
@@ -29,12 +32,11 @@ def run_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
 
 
-def kernel_report(ops: dict[str, list[int]], device: torch.device | str, dtype: torch.dtype,
-                  unmet: dict[str, str] | None = None) -> dict:
+def kernel_report(ops: dict[str, list[int]], device: torch.device | str, dtype: torch.dtype) -> dict:
     """{device, dtype, strict, settings, ops: [{op, path, runs, reason, fallback, (problem, fix), layers}]} for
-    a model's `kernel_ops()`; `unmet`: op -> a condition of the run its fast path lacks."""
-    settings, unmet = backend.settings(), unmet or {}
-    rows = [backend.plan(op, device, dtype, unmet.get(op), settings).as_dict() | {"layers": layers}
+    a model's `kernel_ops()`."""
+    settings = backend.settings()
+    rows = [backend.plan(op, device, dtype, None, settings).as_dict() | {"layers": layers}
             for op, layers in ops.items()]
     return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "strict": backend.is_strict(device, settings), "settings": settings.as_dict(), "ops": rows}
@@ -46,15 +48,18 @@ def run_kernel_report(cfg: RunConfig, device: torch.device | str, model: CausalL
         with torch.device("meta"):  # free: no weights are allocated
             model = CausalLM(cfg.model)
     ops = model.kernel_ops()
-    # Conditions of this run that a fast path lacks, known before any call.
-    unmet = {"attention": PER_ROW_DOCUMENTS} if cfg.data.mode == "concat" and cfg.data.reset_at_doc_boundary else {}
-    return kernel_report(ops, device, run_dtype(cfg), unmet)
+    report = kernel_report(ops, device, run_dtype(cfg))
+    if cfg.data.separate_documents and cfg.data.mode == "concat":
+        report["documents"] = PACKED_DOCUMENTS
+    return report
 
 
 def format_report(report: dict) -> str:
     head = f"kernels on {report['device']} ({report['dtype']}, strict={str(report['strict']).lower()}):"
     width = max(len(r["op"]) for r in report["ops"])
     lines = [head] + [f"  {r['op']:<{width}}  {r['path']:<9}  {r['runs']}  [{r['reason']}]" for r in report["ops"]]
+    if "documents" in report:
+        lines.append(f"  {report['documents']}")
     return "\n".join(lines)
 
 

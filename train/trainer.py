@@ -120,8 +120,8 @@ def forward(engine, micro_batch: dict[str, torch.Tensor], par: Parallel) -> LMOu
     if par.sp_size > 1:
         micro_batch = sequence_parallel.shard_sequence(micro_batch, par.sp_rank, par.sp_size)
     ids, labels = (micro_batch[k].to(engine.device) for k in ("input_ids", "labels"))
-    doc_ids = micro_batch.get("doc_ids")  # concat baseline with data.reset_at_doc_boundary
-    return engine(ids, labels=labels, doc_ids=None if doc_ids is None else doc_ids.to(engine.device))
+    # Packed documents (data.separate_documents): the boundaries stay on the host, where they are checked.
+    return engine(ids, labels=labels, cu_seqlens=micro_batch.get("cu_seqlens"))
 
 
 def train_step(run: TrainEngine, micro_batches: list[dict], par: Parallel, lr: float) -> tuple[float, float, bool]:

@@ -4,6 +4,6 @@
 the checkpoint attention of SCOUT); `dispatch.py` picks the path per call.
 """
 
-from kernels.attention.dispatch import attention, causal_attention, checkpoint_attention, document_attention
+from kernels.attention.dispatch import attention, causal_attention, checkpoint_attention, packed_attention
 
-__all__ = ["attention", "causal_attention", "checkpoint_attention", "document_attention"]
+__all__ = ["attention", "causal_attention", "checkpoint_attention", "packed_attention"]

@@ -10,12 +10,10 @@ flash-attn itself; head sizes above 256 are refused by the config schema (models
 
 import torch
 
-from kernels.attention.reference import attention_ref, checkpoint_attention_ref, document_causal_attention_ref
+from kernels.attention.reference import attention_ref, checkpoint_attention_ref, packed_attention_ref
 from kernels.backend import choose, load_function
 
 FLASH_MAX_HEAD_DIM = 256
-# Packed rows whose documents differ per row (the concat baseline's doc_ids) have no flash-attn path yet.
-PER_ROW_DOCUMENTS = "per-row document ids (data.reset_at_doc_boundary) have no flash-attn path yet"
 
 
 def _boundaries(t: int, block_size: int | None, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
@@ -86,11 +84,28 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset
     return attention(q, k, v, q_offset)
 
 
-def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
-    """Causal attention inside each row's documents: q (B, H, T, D), k, v (B, H_kv, T, D), doc_ids (B, T).
-    The reference only (a dense (B, T, T) mask): on CUDA that is a fallback, reported as such."""
-    choose("attention", q, PER_ROW_DOCUMENTS)
-    return document_causal_attention_ref(q, k, v, doc_ids)
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window: int | None = None
+) -> torch.Tensor:
+    """Causal attention inside each packed document (models/documents.py): q (N_tokens, H, D), k, v
+    (N_tokens, H_kv, D), cu_seqlens (n_docs + 1,) over the tokens. Returns (N_tokens, H, D).
+
+    flash-attn's `flash_attn_varlen_func` on CUDA; else SDPA one document at a time, so memory grows with
+    the longest document, never with a (T, T) mask."""
+    unmet = None
+    if q.shape[-1] > FLASH_MAX_HEAD_DIM:
+        unmet = f"flash-attn takes head_dim <= {FLASH_MAX_HEAD_DIM}, not {q.shape[-1]}"
+    if not choose("attention", q, unmet).fast:
+        return packed_attention_ref(q, k, v, cu_seqlens, window)
+    return flash_packed(load_function("flash_attn", "flash_attn_varlen_func")[0], q, k, v, cu_seqlens, window)
+
+
+def flash_packed(fn, q, k, v, cu_seqlens, window):
+    """`packed_attention` through flash-attn's `flash_attn_varlen_func` (`fn`); the tests run it on the CPU."""
+    cu = cu_seqlens.to(q.device, torch.int32)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    window_size = (-1, -1) if window is None else (window - 1, 0)
+    return fn(q, k, v, cu, cu, max_len, max_len, causal=True, window_size=window_size)
 
 
 def checkpoint_attention(

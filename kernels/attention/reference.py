@@ -132,12 +132,15 @@ def checkpoint_attention_ref(
     return p[..., :-1] @ cv + p[..., -1:] * v
 
 
-def document_causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor):
-    """Causal attention inside each row's documents: q (B, H, T, D), k, v (B, H_kv, T, D), doc_ids (B, T) ->
-    (B, H, T, D). Unlike cu_seqlens, each row has its own layout (packed batches from the concat baseline)."""
-    t = q.shape[-2]
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    mask = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T)
-    repeat = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+def packed_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         window: int | None = None) -> torch.Tensor:
+    """Causal (optionally windowed) attention inside each packed document: q (N_tokens, H, D), k, v
+    (N_tokens, H_kv, D), cu_seqlens (n_docs + 1,). One SDPA per document: no mask across documents is built,
+    so memory grows with the longest document (SDPA's CPU flash kernel takes is_causal without a mask)."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        doc = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, L, D)
+        w = window if window is not None and window < end - start else None  # a shorter document: plain causal
+        out[start:end] = attention_ref(*doc, window=w)[0].transpose(0, 1)
+    return out

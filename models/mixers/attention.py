@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.attention import causal_attention, document_attention
+from kernels.attention import causal_attention, packed_attention
 from models.config import ModelConfig
 from models.flops import linear
 
@@ -101,20 +101,26 @@ class AttentionMixer(nn.Module):
         between its all-to-alls. This rank's tokens x (B, T/sp, D) -> (B, T/sp, D)."""
         return self.output(sp.attention(self.mix, *self.project(x)), x)
 
-    def forward(
-        self, x: torch.Tensor, state: KVCache | None = None, doc_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, KVCache]:
+    def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         q, k, v = (t.transpose(1, 2) for t in self.project(x))  # (B, h, T, hd)
         offset = 0 if state is None else state.length
         q, k = self._rope(q, k, offset)
         if state is not None:
             k = torch.cat([state.k.to(k.dtype), k], dim=2)
             v = torch.cat([state.v.to(v.dtype), v], dim=2)
-        if doc_ids is not None:  # packed documents: causal and same document (RoPE is relative, so a
-            # document reads as if it started at position 0)
-            y = document_attention(q, k, v, doc_ids).transpose(1, 2)
-            return self.output(y, x), KVCache(k, v)
         return self.output(self._attend(q, k, v, offset), x), KVCache(k, v)
+
+    window: int | None = None  # sliding-window attention sets its window
+
+    def forward_packed(self, x: torch.Tensor, docs) -> torch.Tensor:
+        """Packed documents (models/documents.py): x (B, T, D) -> (B, T, D), each document attending to itself
+        only, its RoPE positions starting at 0 (flash-attn's varlen kernel on CUDA)."""
+        b, t, _ = x.shape
+        q, k, v = (z.flatten(0, 1) for z in self.project(x))  # (B*T, h, hd)
+        cos, sin = rope_cos_sin(docs.position_ids.flatten().to(x.device), self.head_dim, self.rope_theta)
+        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+        y = packed_attention(q, k, v, docs.cu_seqlens, self.window)  # (B*T, h, hd)
+        return self.output(y.unflatten(0, (b, t)), x)
 
     def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         y, state = self.forward(x_t[:, None], state)

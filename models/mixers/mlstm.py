@@ -134,16 +134,8 @@ class MLSTMMixer(nn.Module):
     def output(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self._output(x, h)
 
-    def forward(
-        self, x: torch.Tensor, state: MLSTMState | None = None, doc_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, MLSTMState]:
+    def forward(self, x: torch.Tensor, state: MLSTMState | None = None) -> tuple[torch.Tensor, MLSTMState]:
         q, k, v, i, f = self.project(x)
-        if doc_ids is not None:
-            # Packed documents: forget everything at each document start (log f = -1e4: exp gives exactly 0
-            # in fp32, and the max-state stabiliser stays finite, unlike -inf).
-            starts = torch.zeros_like(doc_ids, dtype=torch.bool)
-            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-            f = f.masked_fill(starts[..., None], -1e4)
         h, state = self._cell(q, k, v, i, f, state)
         return self.output(h, x), state
 

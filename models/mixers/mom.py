@@ -225,6 +225,14 @@ class MoMMixer(nn.Module):
         full = torch.zeros_like(logits).scatter(-1, chosen, weights) * routed
         return routed, full, counts + routed.sum(1), logits
 
+    def _aux_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.aux_loss_scale * load_balancing_loss(logits.flatten(0, 1), self.top_k)
+
+    def aux_loss_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The load-balancing loss over the tokens x (B, T, D): packed documents run one document at a time
+        (models/block.py), and the loss is over the whole batch's tokens as in an unpacked forward."""
+        return self._aux_loss(self.gate(x))
+
     def forward(self, x: torch.Tensor, state: MoMState | None = None) -> tuple[torch.Tensor, MoMState]:
         state = self.init_state(x.shape[0], x.device, x.dtype) if state is None else state
         out, new_state = self._memories(x, state, slice(0, self.n_heads))
@@ -256,7 +264,7 @@ class MoMMixer(nn.Module):
         M = self.num_memories
         hk, hv, ha = self._rows(heads)
         routed, weights, counts, logits = self._route(x, state.counts)
-        self.aux_loss = self.aux_loss_scale * load_balancing_loss(logits.flatten(0, 1), self.top_k)
+        self.aux_loss = self._aux_loss(logits)
 
         # Each memory's subsequence, in time order and padded at the end: (M, B, Tm) token indices.
         r = routed.permute(2, 0, 1)  # (M, B, T)

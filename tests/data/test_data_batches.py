@@ -126,28 +126,26 @@ def test_natural_epoch_follows_bucket_tokens(prepared):
         assert seen.count(b.length) == n  # steps of a bucket = its tokens // tokens_per_step
 
 
-def test_decompose_doc_ids_are_zero(prepared):
-    cfg = prepared.model_copy(update={"reset_at_doc_boundary": True})
-    m = TrainBatches(cfg, dp_rank=0, dp_size=1, seed=0).next_step()[0]
-    assert m["doc_ids"].shape == m["input_ids"].shape and (m["doc_ids"] == 0).all()
-    assert "doc_ids" not in TrainBatches(prepared, dp_rank=0, dp_size=1, seed=0).next_step()[0]
+def test_decompose_rows_carry_no_boundaries(prepared):
+    cfg = prepared.model_copy(update={"separate_documents": True})  # its rows are one document each
+    assert "cu_seqlens" not in TrainBatches(cfg, dp_rank=0, dp_size=1, seed=0).next_step()[0]
 
 
-def test_concat_mode_fixed_length_and_doc_ids(tmp_path, words_jsonl, make_cfg):
+def test_concat_mode_fixed_length_and_document_boundaries(tmp_path, words_jsonl, make_cfg):
     cfg = make_cfg(tmp_path, [words_jsonl], mode="concat", seq_len=48, micro_batch_size=2, tokens_per_step=192,
-                   reset_at_doc_boundary=True)
+                   separate_documents=True)
     prepare(cfg, progress=False)
     tb = TrainBatches(cfg, dp_rank=0, dp_size=1, seed=0)
     boundaries = 0
     for _ in range(tb.steps_per_epoch):
         for m in tb.next_step():
-            x, ids = m["input_ids"], m["doc_ids"]
-            assert x.shape == (2, 48) and ids.shape == (2, 48) and ids.dtype == torch.long
-            assert (ids[:, 0] == 0).all()
+            x, cu = m["input_ids"], m["cu_seqlens"]
+            assert x.shape == (2, 48) and cu.ndim == 1 and cu.dtype == torch.long
+            assert cu[0] == 0 and cu[-1] == 96 and 48 in cu.tolist() and (cu[1:] > cu[:-1]).all()
             # a new document starts right after an input EOS (the EOS is its BOS), and only there
-            step_up = ids[:, 1:] - ids[:, :-1]
-            assert torch.equal(step_up == 1, x[:, 1:] == tb.eos_id) and (step_up >= 0).all()
-            assert step_up.max() <= 1
-            boundaries += int((step_up == 1).sum())
+            inner = set(cu.tolist()) - {0, 48, 96}
+            eos = {t for t in (x.flatten() == tb.eos_id).nonzero()[:, 0].tolist() if t % 48}
+            assert inner == eos
+            boundaries += len(inner)
     assert boundaries > 0
     assert tb.steps_per_epoch == (len(tb.buckets[0])) // (192 // 48)

@@ -5,7 +5,7 @@ extensions only), forward and backward, against our references and the packages'
 import pytest
 import torch
 
-from kernels.attention.dispatch import flash_with
+from kernels.attention.dispatch import flash_packed, flash_with
 from kernels.attention.reference import attention_ref
 from kernels.causal_conv1d.dispatch import conv_with
 from kernels.causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
@@ -192,3 +192,22 @@ def test_flash_attention_through_the_package(case):
     assert out.dtype == torch.bfloat16 and rel(out, ref) < 1e-2  # bf16 output rounding: measured 1.6e-3
     for a, b in zip(grads([out], args), grads([ref], ref_args)):
         assert rel(a, b) < 2e-2  # bf16 gradients: measured up to 3e-3; a wrong mask is off by 0.1 or more
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_packed_documents_through_flash_attn_varlen(window):
+    """Each row its own document layout (models/documents.py): flash-attn's varlen kernel over the flattened
+    tokens against our per-document reference, in bf16 as above."""
+    from flash_attn import flash_attn_varlen_func
+
+    from kernels.attention.reference import packed_attention_ref
+
+    cu = torch.tensor([0, 1, 16, 37, 48, 96])  # a 1-token document; row 1 (48..96) is one document
+    q, k, v = (randn(96, h, 16).to(torch.bfloat16) for h in (4, 2, 2))
+    args = leaves(q, k, v)
+    out = flash_packed(flash_attn_varlen_func, *args, cu, window)
+    ref_args = leaves(*(t.float() for t in (q, k, v)))
+    ref = packed_attention_ref(*ref_args, cu, window)
+    assert out.dtype == torch.bfloat16 and rel(out, ref) < 1e-2
+    for a, b in zip(grads([out], args), grads([ref], ref_args)):
+        assert rel(a, b) < 2e-2

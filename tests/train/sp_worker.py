@@ -1,11 +1,15 @@
 """One forward/backward of a fixed batch through the trainer's own setup, on every rank of a torchrun job.
 
-    torchrun --nproc_per_node 2 tests/train/sp_worker.py CONFIG OUT.pt [KEY=VALUE ...]
+    torchrun --nproc_per_node 2 tests/train/sp_worker.py CASES.json
 
-Rank 0 saves the global mean loss and every parameter's full gradient (gathered from ZeRO partitions), so a
-test can compare sequence parallelism against the unsplit model in one process.
+CASES.json: [{"config": ..., "overrides": [KEY=VALUE, ...], "out": OUT.pt}, ...], all with the same
+sequence-parallel size; one job runs them all (a process group and a DeepSpeed engine per case cost ~7 s on
+2 cores). For each, rank 0 saves the global mean loss and every parameter's full gradient (gathered from
+ZeRO partitions), so a test can compare sequence parallelism against the unsplit model in one process.
 """
 
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from train import sequence_parallel  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.trainer import build_engine, forward, setup_parallel  # noqa: E402
 
@@ -25,10 +30,11 @@ def fixed_batch(vocab: int, batch: int = 2, seq_len: int = 64) -> dict[str, torc
     return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
 
-def main() -> None:
-    config, out, *overrides = sys.argv[1:]
+def run_case(config: str, overrides: list[str], out: str, par=None):
     cfg = load_config(config, overrides, world_size=int(os.environ["WORLD_SIZE"]))
-    par = setup_parallel(cfg)
+    if par is None:
+        par = setup_parallel(cfg)  # the SP groups once per job
+    par = dataclasses.replace(par, loss_scale=sequence_parallel.loss_scale(cfg.parallel.zero_stage, par.sp_size))
     engine = build_engine(cfg, par).engine
     loss = forward(engine, fixed_batch(cfg.model.vocab_size), par).loss
     engine.backward(loss * par.loss_scale)
@@ -39,6 +45,14 @@ def main() -> None:
     dist.all_reduce(mean_loss)
     if par.rank == 0:
         torch.save({"loss": mean_loss.item() / par.world, "grads": grads}, out)
+    engine.destroy()
+    return par
+
+
+def main() -> None:
+    par = None
+    for case in json.loads(Path(sys.argv[1]).read_text()):
+        par = run_case(case["config"], case["overrides"], case["out"], par)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -1,9 +1,11 @@
 """DeepSpeed-Ulysses: SP=2 on 2 gloo ranks gives the loss and gradients of the unsplit model, per family."""
 
+import json
 import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,24 +51,39 @@ def reference(cfg) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()}
 
 
-def run_sp(config, tmp_path, *overrides) -> dict:
-    out = tmp_path / "sp.pt"
+def run_sp(cases: dict[str, tuple], tmp: Path) -> dict[str, dict]:
+    """name -> (config, overrides): every case in one 2-rank SP=2 job (tests/train/sp_worker.py)."""
+    common = ["parallel.sequence_parallel_size=2", "parallel.precision=fp32",
+              "data.tokens_per_step=512"]  # one micro batch: gradients are reduced at once
+    jobs = [{"config": str(config), "overrides": [*common, *overrides], "out": str(tmp / f"{name}.pt")}
+            for name, (config, overrides) in cases.items()]
+    (tmp / "cases.json").write_text(json.dumps(jobs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "--master_addr", "127.0.0.1", str(ROOT / "tests" / "train" / "sp_worker.py"),
-           str(config), str(out), "parallel.sequence_parallel_size=2", "parallel.precision=fp32",
-           "data.tokens_per_step=512", *overrides]  # one micro batch: gradients are reduced at once
-    proc = subprocess.run(cmd, env=job_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+           str(tmp / "cases.json")]
+    proc = subprocess.run(cmd, env=job_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=True)
+    return {name: torch.load(tmp / f"{name}.pt", weights_only=True) for name in cases}
+
+
+def case(split: str, zero_stage: int) -> tuple[Path, list[str]]:
+    family, overrides = SPLITS[split]
+    zero = [f"parallel.zero_stage={zero_stage}"] + ([ZERO3_PARTITION_ALL] if zero_stage == 3 else [])
+    return TINY / f"{family}.yaml", [*zero, *overrides]
+
+
+@pytest.fixture(scope="module")
+def sp_results(tmp_path_factory) -> dict[str, dict]:
+    """Every split at ZeRO-2 and ZeRO-3, in one job."""
+    cases = {f"{split}-{stage}": case(split, stage) for split in SPLITS for stage in (2, 3)}
+    return run_sp(cases, tmp_path_factory.mktemp("sp"))
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 @pytest.mark.parametrize("split", SPLITS)
-def test_sp2_matches_the_unsplit_model(split, zero_stage, tmp_path):
-    family, overrides = SPLITS[split]
-    config = TINY / f"{family}.yaml"
-    zero = [f"parallel.zero_stage={zero_stage}"] + ([ZERO3_PARTITION_ALL] if zero_stage == 3 else [])
-    result = run_sp(config, tmp_path, *zero, *overrides)
+def test_sp2_matches_the_unsplit_model(split, zero_stage, sp_results):
+    config, overrides = case(split, zero_stage)
+    result = sp_results[f"{split}-{zero_stage}"]
     loss, grads = reference(load_config(config, ["parallel.precision=fp32", *overrides]))
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
     assert result["grads"].keys() == grads.keys()

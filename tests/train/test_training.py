@@ -175,14 +175,11 @@ def test_in_training_eval_needs_held_out_documents():
         load_config(TINY / "transformer.yaml", ["eval.every=10", "data.holdout_fraction=0"])
 
 
-def test_concat_baseline_with_document_boundaries_trains(train):
-    run = train(TINY / "transformer.yaml", "data.mode=concat", "data.reset_at_doc_boundary=true",
-                "schedule.steps=30", "schedule.warmup_steps=5", "logging.every=10", launcher="python")
-    assert len(run.losses) == 3 and run.losses[-1] < run.losses[0], run.losses
-
-
-def test_document_boundaries_on_a_family_that_cannot_keep_them_stop_early():
+def test_separate_documents_under_sequence_parallelism_and_the_old_name_are_clear_errors():
     from train.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="reset_at_doc_boundary"):
+    with pytest.raises(ConfigError, match="sequence parallelism"):
+        load_config(TINY / "mamba2.yaml", ["data.mode=concat", "data.separate_documents=true",
+                                           "parallel.sequence_parallel_size=2"], world_size=2)
+    with pytest.raises(ConfigError, match="now data.separate_documents"):
         load_config(TINY / "mamba2.yaml", ["data.mode=concat", "data.reset_at_doc_boundary=true"])

@@ -1,0 +1,96 @@
+"""Packed documents: the one carrier of document boundaries from the data path to every mixer.
+
+A packed batch (B, T) holds several documents per row. Its boundaries travel as `cu_seqlens`, the
+cumulative document lengths over the flattened B*T tokens (flash-attn's varlen and flash-linear-attention's
+layout): [0, ..., B*T], strictly increasing, every row end B_i*T among them (a document never spans two
+rows). `Documents` checks that once, in CausalLM.forward, and derives what the mixers need: per-token
+positions (RoPE restarts at each document) and the gather indices of `per_document`.
+
+`per_document(fn, x, docs)` runs a token mixer on each document alone, exactly: the documents are cut out
+and right-padded into a few batches of equal length (one per power of two, so padding at most doubles the
+tokens and there are at most log2(T) + 1 calls), `fn` runs on each batch as on ordinary fresh sequences,
+and the outputs are put back. Padding sits after a document's last token, so a causal mixer's outputs on
+real tokens never see it; whatever kernel `fn` takes (reference, Triton, CUDA packages) takes it here too.
+"""
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+FIELD = "cu_seqlens"  # the batch field (data/batches.py) and the CausalLM.forward argument
+
+
+class DocumentsError(ValueError):
+    """Inconsistent document boundaries in a batch."""
+
+
+@dataclass(frozen=True)
+class Documents:
+    cu_seqlens: torch.Tensor  # (N + 1,) int64 on the CPU, over the flattened (B * T) tokens
+    batch: int
+    length: int
+    device: torch.device | str = "cpu"  # where the layers run
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, batch: int, length: int, device="cpu") -> "Documents":
+        """Checks the boundaries before any kernel sees them; raises DocumentsError naming the field."""
+        cu = torch.as_tensor(cu_seqlens)
+        total = batch * length
+        where = f"batch field '{FIELD}' (cumulative document lengths over the {batch} x {length} tokens)"
+        if cu.ndim != 1 or cu.numel() < 2 or cu.dtype.is_floating_point or cu.dtype == torch.bool:
+            raise DocumentsError(f"{where} must be a 1-D integer tensor [0, ..., {total}], got shape "
+                                 f"{tuple(cu.shape)} {cu.dtype}")
+        cu = cu.to("cpu", torch.int64)
+        if int(cu[0]) != 0 or int(cu[-1]) != total:
+            raise DocumentsError(f"{where} must start at 0 and end at the batch's token count {total}, got "
+                                 f"{int(cu[0])} .. {int(cu[-1])}")
+        if not bool((cu[1:] > cu[:-1]).all()):
+            bad = int((cu[1:] <= cu[:-1]).nonzero()[0])
+            raise DocumentsError(f"{where} must be strictly increasing; entry {bad + 1} is {int(cu[bad + 1])} "
+                                 f"after {int(cu[bad])}")
+        row_ends = torch.arange(length, total + 1, length)
+        missing = row_ends[~torch.isin(row_ends, cu)]
+        if missing.numel():
+            raise DocumentsError(f"{where}: a document is longer than the row: it runs over the end of row "
+                                 f"{int(missing[0]) // length - 1} (token {int(missing[0])}); split documents at "
+                                 f"row ends (every multiple of {length} must be a boundary)")
+        return cls(cu, batch, length, device)
+
+    @cached_property
+    def lengths(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]  # (N,)
+
+    @cached_property
+    def position_ids(self) -> torch.Tensor:
+        """(B, T) position of each token within its document (CPU)."""
+        flat = torch.arange(self.batch * self.length) - torch.repeat_interleave(self.cu_seqlens[:-1], self.lengths)
+        return flat.view(self.batch, self.length)
+
+    @cached_property
+    def groups(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(index, real)] per padded length L (a power of two, at most T): the flat token index (n, L) of
+        each of its n documents' tokens, padding pointing at the document's first token, and the (n, L) mask
+        of real tokens; on `device`, made once per forward and shared by every layer."""
+        padded = torch.clamp(2 ** torch.ceil(torch.log2(self.lengths.double())).long(), max=self.length)
+        groups = []
+        for L in torch.unique(padded).tolist():
+            chosen = (padded == L).nonzero()[:, 0]
+            offset = torch.arange(L)
+            real = offset[None, :] < self.lengths[chosen, None]
+            index = self.cu_seqlens[chosen, None] + torch.where(real, offset[None, :], 0)
+            groups.append((index.to(self.device), real.to(self.device)))
+        return groups
+
+
+def per_document(fn, x: torch.Tensor, docs: Documents) -> torch.Tensor:
+    """y[b, t] = fn(document containing (b, t) alone)[its position]; x (B, T, ...), fn: (n, L, ...) -> (n, L, ...)
+    with the trailing dims of its output free."""
+    flat = x.flatten(0, 1)  # (B*T, ...)
+    out = None
+    for index, real in docs.groups:
+        y = fn(flat[index])  # (n, L, ...)
+        if out is None:
+            out = y.new_zeros(flat.shape[0], *y.shape[2:])
+        out = out.index_copy(0, index[real], y[real])  # out of place: autograd through every group
+    return out.view(*x.shape[:2], *out.shape[1:])
