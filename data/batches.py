@@ -127,7 +127,6 @@ class TrainBatches:
             ids[rows] = np.searchsorted(self.shards.offsets[shard], pos[rows], side="right") - 1
         return ids - ids[:, :1]
 
-
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro batches of the next optimizer step (len == grad_accum_steps)."""
         bucket, chunks = self.global_batch(self.step)

@@ -8,7 +8,7 @@ positions (RoPE restarts at each document) and the gather indices of `per_docume
 
 `per_document(fn, x, docs)` runs a token mixer on each document alone, exactly: the documents are cut out
 and right-padded into a few batches of equal length (one per power of two, so padding at most doubles the
-tokens and there are at most log2(T) + 1 calls), `fn` runs on each batch as on ordinary fresh sequences,
+tokens; always ceil(log2(T)) + 1 calls, the same on every rank), `fn` runs on each batch as on ordinary fresh sequences,
 and the outputs are put back. Padding sits after a document's last token, so a causal mixer's outputs on
 real tokens never see it; whatever kernel `fn` takes (reference, Triton, CUDA packages) takes it here too.
 """
@@ -68,18 +68,25 @@ class Documents:
         return flat.view(self.batch, self.length)
 
     @cached_property
-    def groups(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """[(index, real)] per padded length L (a power of two, at most T): the flat token index (n, L) of
-        each of its n documents' tokens, padding pointing at the document's first token, and the (n, L) mask
-        of real tokens; on `device`, made once per forward and shared by every layer."""
+    def groups(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """[(index, real)] for every padded length L in 1, 2, 4, ... up to T (a power of two, or T): the flat
+        token index (n, L) of each of its n documents' tokens, padding pointing at the document's first token,
+        and the (n, L) mask of real tokens. A length no document pads to gets a placeholder (the batch's first
+        token alone, mask None), so every rank makes the same number of mixer calls whatever its documents:
+        ZeRO-3 gathers a layer's parameters at each call, collectively. On `device`, made once
+        per forward and shared by every layer."""
         padded = torch.clamp(2 ** torch.ceil(torch.log2(self.lengths.double())).long(), max=self.length)
+        sizes = sorted({min(2**j, self.length) for j in range(self.length.bit_length() + 1)})
         groups = []
-        for L in torch.unique(padded).tolist():
+        for L in sizes:
             chosen = (padded == L).nonzero()[:, 0]
-            offset = torch.arange(L)
-            real = offset[None, :] < self.lengths[chosen, None]
-            index = self.cu_seqlens[chosen, None] + torch.where(real, offset[None, :], 0)
-            groups.append((index.to(self.device), real.to(self.device)))
+            if chosen.numel():
+                offset = torch.arange(L)
+                real = offset[None, :] < self.lengths[chosen, None]
+                index = self.cu_seqlens[chosen, None] + torch.where(real, offset[None, :], 0)
+            else:
+                index, real = torch.zeros(1, 1, dtype=torch.long), None
+            groups.append((index.to(self.device), None if real is None else real.to(self.device)))
         return groups
 
 
@@ -92,5 +99,8 @@ def per_document(fn, x: torch.Tensor, docs: Documents) -> torch.Tensor:
         y = fn(flat[index])  # (n, L, ...)
         if out is None:
             out = y.new_zeros(flat.shape[0], *y.shape[2:])
-        out = out.index_copy(0, index[real], y[real])  # out of place: autograd through every group
+        if real is None:  # a placeholder: joins the graph with weight 0, so its backward runs on every rank too
+            out = out + 0 * y.sum()
+        else:
+            out = out.index_copy(0, index[real], y[real])  # out of place: autograd through every group
     return out.view(*x.shape[:2], *out.shape[1:])

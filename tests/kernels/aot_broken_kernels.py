@@ -14,8 +14,7 @@ def dot_too_small(a_ptr, b_ptr, c_ptr, M: tl.constexpr):
 
 
 @triton.jit
-def shared_memory_too_large(a_ptr, b_ptr, c_ptr, K, BLOCK: tl.constexpr):
-    # Two pipelined fp32 operand tiles of 256 x 256 need far more than 227 KiB of shared memory.
+def _tiled_matmul(a_ptr, b_ptr, c_ptr, K, BLOCK: tl.constexpr):
     idx = tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k in range(0, K, BLOCK):
@@ -23,6 +22,12 @@ def shared_memory_too_large(a_ptr, b_ptr, c_ptr, K, BLOCK: tl.constexpr):
         b = tl.load(b_ptr + (k + idx[:, None]) * BLOCK + idx[None, :])
         acc += tl.dot(a, b)
     tl.store(c_ptr + idx[:, None] * BLOCK + idx[None, :], acc)
+
+
+@triton.jit
+def shared_memory_too_large(a_ptr, b_ptr, c_ptr, K, BLOCK: tl.constexpr):
+    # Two pipelined fp32 operand tiles of 256 x 256 need far more than 227 KiB of shared memory.
+    _tiled_matmul(a_ptr, b_ptr, c_ptr, K, BLOCK)
 
 
 @triton.jit
@@ -36,13 +41,7 @@ def int32_offsets(a_ptr, c_ptr, N, BLOCK: tl.constexpr):
 @triton.jit
 def register_tile_too_large(a_ptr, b_ptr, c_ptr, K, BLOCK: tl.constexpr):
     # A (128, 128) fp32 accumulator in one warp: 512 values a thread, past the 255 registers it may have.
-    idx = tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for k in range(0, K, BLOCK):
-        a = tl.load(a_ptr + idx[:, None] * K + (k + idx[None, :]))
-        b = tl.load(b_ptr + (k + idx[:, None]) * BLOCK + idx[None, :])
-        acc += tl.dot(a, b)
-    tl.store(c_ptr + idx[:, None] * BLOCK + idx[None, :], acc)
+    _tiled_matmul(a_ptr, b_ptr, c_ptr, K, BLOCK)
 
 
 _SIG = {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32"}
