@@ -68,25 +68,41 @@ class Documents:
         return flat.view(self.batch, self.length)
 
     @cached_property
-    def groups(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """[(index, real)] for every padded length L in 1, 2, 4, ... up to T (a power of two, or T): the flat
-        token index (n, L) of each of its n documents' tokens, padding pointing at the document's first token,
-        and the (n, L) mask of real tokens. A length no document pads to gets a placeholder (the batch's first
-        token alone, mask None), so every rank makes the same number of mixer calls whatever its documents:
-        ZeRO-3 gathers a layer's parameters at each call, collectively. On `device`, made once
-        per forward and shared by every layer."""
+    def max_length(self) -> int:
+        return int(self.lengths.max())
+
+    @cached_property
+    def device_cu_seqlens(self) -> torch.Tensor:
+        """int32 on `device`, as flash-attn's varlen kernel takes it (copied once per forward)."""
+        return self.cu_seqlens.to(self.device, torch.int32)
+
+    @cached_property
+    def device_positions(self) -> torch.Tensor:
+        """(B*T,) position of each token within its document, on `device`."""
+        return self.position_ids.flatten().to(self.device)
+
+    @cached_property
+    def groups(self) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
+        """[(index, real)] for every padded length L in 1, 2, 4, ... up to T (a power of two, or T): `index`
+        (n, L) is the flat token index of each of its n documents' tokens (padding points at the document's
+        first token) and `real` = (where in the flattened (n * L) the real tokens are, their flat token
+        index). A length no document pads to gets a placeholder (the batch's first token alone, real None),
+        so every rank makes the same number of mixer calls whatever its documents: ZeRO-3 gathers a layer's
+        parameters at each call, collectively. Made once per forward on `device` (no host sync in the
+        layers) and shared by every layer."""
         padded = torch.clamp(2 ** torch.ceil(torch.log2(self.lengths.double())).long(), max=self.length)
         sizes = sorted({min(2**j, self.length) for j in range(self.length.bit_length() + 1)})
         groups = []
         for L in sizes:
             chosen = (padded == L).nonzero()[:, 0]
-            if chosen.numel():
-                offset = torch.arange(L)
-                real = offset[None, :] < self.lengths[chosen, None]
-                index = self.cu_seqlens[chosen, None] + torch.where(real, offset[None, :], 0)
-            else:
-                index, real = torch.zeros(1, 1, dtype=torch.long), None
-            groups.append((index.to(self.device), None if real is None else real.to(self.device)))
+            if not chosen.numel():
+                groups.append((torch.zeros(1, 1, dtype=torch.long, device=self.device), None))
+                continue
+            offset = torch.arange(L)
+            mask = offset[None, :] < self.lengths[chosen, None]
+            index = self.cu_seqlens[chosen, None] + torch.where(mask, offset[None, :], 0)
+            real = (mask.flatten().nonzero()[:, 0], index[mask])
+            groups.append((index.to(self.device), tuple(t.to(self.device) for t in real)))
         return groups
 
 
@@ -102,5 +118,7 @@ def per_document(fn, x: torch.Tensor, docs: Documents) -> torch.Tensor:
         if real is None:  # a placeholder: joins the graph with weight 0, so its backward runs on every rank too
             out = out + 0 * y.sum()
         else:
-            out = out.index_copy(0, index[real], y[real])  # out of place: autograd through every group
+            where, tokens = real
+            # Out of place, so autograd runs through every group.
+            out = out.index_copy(0, tokens, y.flatten(0, 1).index_select(0, where))
     return out.view(*x.shape[:2], *out.shape[1:])

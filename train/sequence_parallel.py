@@ -164,6 +164,11 @@ class UlyssesMixer:
             raise ValueError("sequence parallelism is for training; decode with parallel.sequence_parallel_size=1")
         return self.sp.run(self, x), None
 
+    def forward_packed(self, x: torch.Tensor, docs):
+        # train/config.py refuses the combination up front; this guards a direct call.
+        raise ValueError("packed documents (cu_seqlens) do not run under sequence parallelism yet; "
+                         "set parallel.sequence_parallel_size=1")
+
 
 def supports_sequence_parallel(mixer: nn.Module) -> bool:
     sandwich = all(hasattr(mixer, name) for name in ("project", "mix", "output"))

@@ -85,10 +85,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset
 
 
 def packed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_len: int,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention inside each packed document (models/documents.py): q (N_tokens, H, D), k, v
-    (N_tokens, H_kv, D), cu_seqlens (n_docs + 1,) over the tokens. Returns (N_tokens, H, D).
+    (N_tokens, H_kv, D), cu_seqlens (n_docs + 1,) int32 over the tokens, on their device; max_len the longest
+    document. Returns (N_tokens, H, D).
 
     flash-attn's `flash_attn_varlen_func` on CUDA; else SDPA one document at a time, so memory grows with
     the longest document, never with a (T, T) mask."""
@@ -97,15 +103,14 @@ def packed_attention(
         unmet = f"flash-attn takes head_dim <= {FLASH_MAX_HEAD_DIM}, not {q.shape[-1]}"
     if not choose("attention", q, unmet).fast:
         return packed_attention_ref(q, k, v, cu_seqlens, window)
-    return flash_packed(load_function("flash_attn", "flash_attn_varlen_func")[0], q, k, v, cu_seqlens, window)
+    fn = load_function("flash_attn", "flash_attn_varlen_func")[0]
+    return flash_packed(fn, q, k, v, cu_seqlens, max_len, window)
 
 
-def flash_packed(fn, q, k, v, cu_seqlens, window):
+def flash_packed(fn, q, k, v, cu_seqlens, max_len, window):
     """`packed_attention` through flash-attn's `flash_attn_varlen_func` (`fn`); the tests run it on the CPU."""
-    cu = cu_seqlens.to(q.device, torch.int32)
-    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     window_size = (-1, -1) if window is None else (window - 1, 0)
-    return fn(q, k, v, cu, cu, max_len, max_len, causal=True, window_size=window_size)
+    return fn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True, window_size=window_size)
 
 
 def checkpoint_attention(

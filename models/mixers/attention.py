@@ -117,9 +117,9 @@ class AttentionMixer(nn.Module):
         only, its RoPE positions starting at 0 (flash-attn's varlen kernel on CUDA)."""
         b, t, _ = x.shape
         q, k, v = (z.flatten(0, 1) for z in self.project(x))  # (B*T, h, hd)
-        cos, sin = rope_cos_sin(docs.position_ids.flatten().to(x.device), self.head_dim, self.rope_theta)
+        cos, sin = rope_cos_sin(docs.device_positions, self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
-        y = packed_attention(q, k, v, docs.cu_seqlens, self.window)  # (B*T, h, hd)
+        y = packed_attention(q, k, v, docs.device_cu_seqlens, docs.max_length, self.window)  # (B*T, h, hd)
         return self.output(y.unflatten(0, (b, t)), x)
 
     def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:

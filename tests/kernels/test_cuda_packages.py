@@ -202,10 +202,10 @@ def test_packed_documents_through_flash_attn_varlen(window):
 
     from kernels.attention.reference import packed_attention_ref
 
-    cu = torch.tensor([0, 1, 16, 37, 48, 96])  # a 1-token document; row 1 (48..96) is one document
+    cu = torch.tensor([0, 1, 16, 37, 48, 96], dtype=torch.int32)  # a 1-token document; 48..96: a whole row
     q, k, v = (randn(96, h, 16).to(torch.bfloat16) for h in (4, 2, 2))
     args = leaves(q, k, v)
-    out = flash_packed(flash_attn_varlen_func, *args, cu, window)
+    out = flash_packed(flash_attn_varlen_func, *args, cu, 48, window)
     ref_args = leaves(*(t.float() for t in (q, k, v)))
     ref = packed_attention_ref(*ref_args, cu, window)
     assert out.dtype == torch.bfloat16 and rel(out, ref) < 1e-2

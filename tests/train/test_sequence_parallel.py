@@ -75,7 +75,7 @@ def case(split: str, zero_stage: int) -> tuple[Path, list[str]]:
 @pytest.fixture(scope="module")
 def sp_results(tmp_path_factory) -> dict[str, dict]:
     """Every split at ZeRO-2 and ZeRO-3, in one job."""
-    cases = {f"{split}-{stage}": case(split, stage) for split in SPLITS for stage in (2, 3)}
+    cases = {f"{split}-{stage}": case(split, stage) for stage in (2, 3) for split in SPLITS}
     return run_sp(cases, tmp_path_factory.mktemp("sp"))
 
 
