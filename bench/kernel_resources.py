@@ -92,10 +92,7 @@ def main() -> int:
     aot.print_table([r for r in unique if key(r) in at_shipped])
     print("\nOther registered configurations (AOT_KERNELS: every dtype at the largest head sizes, for shared memory):")
     aot.print_table([r for r in unique if key(r) not in at_shipped])
-    over = [r for r in unique if key(r) in at_shipped and aot.over_budget(r)]
-    for r in over:
-        print(f"OVER BUDGET: {r.kernel} {r.target} {r.dtype} {r.config} spills {r.stack_bytes} bytes a thread "
-              f"(budget {aot.spill_budget(r.kernel)})")
+    over = aot.print_over_budget([r for r in unique if key(r) in at_shipped])
     if args.json:
         args.json.write_text(json.dumps({
             "shipped": [{"module": m, "k": k, "v": v, "chunk": c, "dtype": d, "configs": cs}

@@ -134,9 +134,7 @@ class TrainBatches:
         per_rank = len(chunks) // self.dp_size
         mine = chunks[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
         seqs = self._read(bucket, mine)  # (per_rank, L + 1)
-        # Decompose rows are one document each: only concat rows need their boundaries.
-        separate = self.cfg.separate_documents and self.cfg.mode == "concat"
-        doc_ids = self._doc_ids(bucket, mine) if separate else None
+        doc_ids = self._doc_ids(bucket, mine) if self.cfg.packs_documents else None
         per_micro = per_rank // self.grad_accum_steps
         micro = []
         for m in range(self.grad_accum_steps):

@@ -188,6 +188,11 @@ class DataConfig(BaseModel):
         description="Check the sha256 of the shards against the manifest when training starts.",
     )
 
+    @property
+    def packs_documents(self) -> bool:
+        """Batches carry document boundaries (only concat rows hold several documents)."""
+        return self.separate_documents and self.mode == "concat"
+
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, values):

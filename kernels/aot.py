@@ -71,6 +71,15 @@ def over_budget(result: CompileResult) -> bool:
     return result.ok and (result.stack_bytes is None or result.stack_bytes > spill_budget(result.kernel))
 
 
+def print_over_budget(results: list[CompileResult]) -> list[CompileResult]:
+    """Prints one line per result over the spill budget; returns them."""
+    over = [r for r in results if over_budget(r)]
+    for r in over:
+        print(f"OVER BUDGET: {r.kernel} {r.target} {r.dtype} {r.config} spills {r.stack_bytes} bytes a thread "
+              f"(budget {spill_budget(r.kernel)})")
+    return over
+
+
 def narrow_program_ids(ttir: str) -> int:
     """How many `tt.get_program_id` results the Triton IR uses other than by widening them to i64."""
     narrow = 0
@@ -195,10 +204,7 @@ def main() -> int:
         print(f"{name} is a Triton kernel with no AOT_KERNELS entry: add one so it is compiled here")
     results = compile_all(args.module)
     print_table(results)
-    over = [r for r in results if args.budget and over_budget(r)]
-    for r in over:
-        print(f"OVER BUDGET: {r.kernel} {r.target} spills {r.stack_bytes} bytes a thread "
-              f"(budget {spill_budget(r.kernel)})")
+    over = print_over_budget(results) if args.budget else []
     if args.json:
         report = {"missing": missing, "results": [asdict(r) | {"fits": r.fits, "over_budget": over_budget(r)}
                                                   for r in results]}

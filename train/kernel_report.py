@@ -49,7 +49,7 @@ def run_kernel_report(cfg: RunConfig, device: torch.device | str, model: CausalL
             model = CausalLM(cfg.model)
     ops = model.kernel_ops()
     report = kernel_report(ops, device, run_dtype(cfg))
-    if cfg.data.separate_documents and cfg.data.mode == "concat":
+    if cfg.data.packs_documents:
         report["documents"] = PACKED_DOCUMENTS
     return report
 

@@ -36,6 +36,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class AttentionMixer(nn.Module):
     kernel_ops = ("attention",)  # the kernels/ ops this mixer calls (train/kernel_report.py)
+    window: int | None = None  # keys a query reads; sliding-window attention sets it
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -109,8 +110,6 @@ class AttentionMixer(nn.Module):
             k = torch.cat([state.k.to(k.dtype), k], dim=2)
             v = torch.cat([state.v.to(v.dtype), v], dim=2)
         return self.output(self._attend(q, k, v, offset), x), KVCache(k, v)
-
-    window: int | None = None  # sliding-window attention sets its window
 
     def forward_packed(self, x: torch.Tensor, docs) -> torch.Tensor:
         """Packed documents (models/documents.py): x (B, T, D) -> (B, T, D), each document attending to itself
