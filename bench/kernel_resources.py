@@ -5,8 +5,8 @@ H100 (sm_90) at every shape a shipped config runs, against the spill budget. No 
     python bench/kernel_resources.py --json out.json  # the same, machine-readable (tests/kernels/test_aot.py)
 
 Shapes: every config under configs/ (and configs/tiny/) is built on the meta device at its own precision, every
-model of configs/recall/ in fp32; each mLSTM, HGRN2 and
-MoM mixer names the (head dims, chunk) its Triton op runs at. Every (op, head dims, chunk, dtype) found is
+model of configs/recall/ in fp32; each mLSTM, HGRN2,
+MoM and Gated DeltaNet mixer names the (head dims, chunk) its Triton op runs at. Every (op, head dims, chunk, dtype) found is
 compiled with the specs its launcher uses (`aot_specs` in kernels/<op>/triton.py), then each module's
 AOT_KERNELS (shown apart: fp32 at K = 256 is compiled for its shared memory, no config runs it). Budget (kernels/aot.SPILL_BUDGET): a forward kernel spills nothing, a backward kernel at most
 512 bytes per thread (a spill is a round trip to local memory inside the chunk loop; a little of it in the
@@ -35,6 +35,7 @@ from kernels.gla.dispatch import TRITON_CHUNK as GLA_CHUNK  # noqa: E402
 
 def triton_shapes(model: torch.nn.Module) -> set[tuple[str, int, int, int]]:
     """(Triton module, key dim, value dim, chunk) of every chunkwise op the model's mixers call."""
+    from models.mixers.gated_deltanet import GatedDeltaNetMixer
     from models.mixers.hgrn2 import HGRN2Mixer
     from models.mixers.mlstm import MLSTMMixer
     from models.mixers.mom import MoMMixer
@@ -49,6 +50,8 @@ def triton_shapes(model: torch.nn.Module) -> set[tuple[str, int, int, int]]:
             shapes.add(("kernels.delta_rule.triton", m.head_k_dim, m.head_v_dim, m.chunk_size or DELTA_RULE_CHUNK))
         elif isinstance(m, MoMMixer):
             shapes.add(("kernels.gla.triton", m.head_k_dim, m.head_v_dim, m.chunk_size or GLA_CHUNK))
+        elif isinstance(m, GatedDeltaNetMixer):
+            shapes.add(("kernels.delta_rule.triton", m.head_k_dim, m.head_v_dim, m.chunk_size or DELTA_RULE_CHUNK))
     return shapes
 
 

@@ -26,6 +26,7 @@ PATTERN_LETTERS = {
     "m": "mamba2",
     "H": "hgrn2",
     "R": "mom",  # routed memories
+    "G": "gated_deltanet",  # Megatron's letter
     # Hybrids (BST, SCOUT) and their windowed-attention part.
     "W": "sliding_window",
     "B": "bst",
@@ -206,6 +207,37 @@ class MoMConfig(Section):
         return self
 
 
+class GatedDeltaNetConfig(Section):
+    """Gated DeltaNet (`G`; Yang et al., 2024; flash-linear-attention's GatedDeltaNet layer): short
+    convolutions on q, k, v, the gated delta rule with a per-head decay, a gated RMSNorm on the output.
+    Its heads are its own (`n_heads`), so a hybrid's attention layers keep `model.n_heads`."""
+
+    n_heads: int | None = Field(None, gt=0, description="Query/key heads; None = model.n_heads (fla: num_heads).")
+    n_v_heads: int | None = Field(None, gt=0, description="Value heads, a multiple of n_heads (fla's GVA: "
+                                  "each query/key head serves n_v_heads / n_heads of them); None = n_heads.")
+    head_dim: int = Field(256, gt=0, description="Query/key width per head (the state's rows); the Triton "
+                          "kernel takes at most 256.")
+    expand_v: float = Field(2.0, gt=0, description="Value width per head as a multiple of head_dim.")
+    conv_size: int = Field(4, gt=1, description="Width of the short causal convolutions on q, k, v "
+                           "(causal-conv1d: 2 to 4).")
+    use_output_gate: bool = Field(True, description="Gate the normalised output with silu(g_proj(x)).")
+    allow_neg_eigval: bool = Field(False, description="beta = 2 sigmoid(b) in [0, 2): negative eigenvalues "
+                                   "of the state transition (Grazzi et al., 2024).")
+    chunk_size: int | None = Field(None, gt=0, description="Chunk of the delta-rule kernel: 16, what the "
+                                   "Triton kernel takes; None = each path's default.")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "GatedDeltaNetConfig":
+        if self.head_dim * self.expand_v != int(self.head_dim * self.expand_v):
+            raise ValueError(f"gated_deltanet.head_dim * expand_v = {self.head_dim * self.expand_v} is not an "
+                             "integer; choose expand_v so that the value width per head is whole")
+        gpu_choice("gated_deltanet.conv_size", self.conv_size, CONV_WIDTHS, "causal-conv1d")
+        gpu_choice("gated_deltanet.chunk_size", self.chunk_size, DELTA_RULE_CHUNKS,
+                   "the Triton gated delta rule kernel")
+        gpu_at_most("gated_deltanet.head_dim", self.head_dim, DELTA_RULE_MAX_KEY, "the Triton gated delta rule kernel")
+        return self
+
+
 class SlidingWindowConfig(Section):
     """Sliding-window attention (`W`): the attention mixer's projections and RoPE (`model.attention`), each
     query reading only the last `window` positions; decoding keeps a KV cache of window - 1 tokens."""
@@ -278,6 +310,7 @@ class ModelConfig(Section):
     mamba2: Mamba2Config = Field(default_factory=Mamba2Config)
     hgrn2: HGRN2Config = Field(default_factory=HGRN2Config)
     mom: MoMConfig = Field(default_factory=MoMConfig)
+    gated_deltanet: GatedDeltaNetConfig = Field(default_factory=GatedDeltaNetConfig)
     sliding_window: SlidingWindowConfig = Field(default_factory=SlidingWindowConfig)
     bst: BSTConfig = Field(default_factory=BSTConfig)
     scout: SCOUTConfig = Field(default_factory=SCOUTConfig)
@@ -301,7 +334,9 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> "ModelConfig":
-        if self.d_model % self.n_heads:
+        # Gated DeltaNet sizes its heads by gated_deltanet.head_dim (fla's 6 heads of 256 at d_model 2048): a
+        # model of G layers only has no d_model / n_heads head size to check.
+        if self.d_model % self.n_heads and set(self.layer_mixers()) != {"gated_deltanet"}:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.pattern and self.n_layers % len(self.pattern):
             raise ValueError(
@@ -317,6 +352,10 @@ class ModelConfig(Section):
         if attends:
             gpu_at_most(f"model.d_model / model.n_heads (the head size of the {sorted(attends)} layers)",
                         self.head_dim, FLASH_MAX_HEAD_DIM, "flash-attn")
+        gdn = self.gated_deltanet
+        if "gated_deltanet" in self.layer_mixers() and gdn.n_v_heads and gdn.n_v_heads % (gdn.n_heads or self.n_heads):
+            raise ValueError(f"gated_deltanet.n_v_heads={gdn.n_v_heads} is not a multiple of the query/key heads "
+                             f"{gdn.n_heads or self.n_heads} (gated_deltanet.n_heads, else model.n_heads)")
         kv = self.attention.n_kv_heads
         if kv is not None and self.n_heads % kv:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by attention.n_kv_heads={kv}")

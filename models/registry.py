@@ -5,6 +5,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.mixers.attention import AttentionMixer
 from models.mixers.bst import BSTMixer
+from models.mixers.gated_deltanet import GatedDeltaNetMixer
 from models.mixers.hgrn2 import HGRN2Mixer
 from models.mixers.mamba import MambaMixer
 from models.mixers.mamba2 import Mamba2Mixer
@@ -20,6 +21,7 @@ MIXERS: dict[str, type[nn.Module]] = {
     "mamba2": Mamba2Mixer,
     "hgrn2": HGRN2Mixer,
     "mom": MoMMixer,
+    "gated_deltanet": GatedDeltaNetMixer,
     "sliding_window": SlidingWindowMixer,
     "bst": BSTMixer,
     "scout": SCOUTMixer,

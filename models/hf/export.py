@@ -24,6 +24,7 @@ FAMILIES: dict[str, str] = {
     "mamba2": "models.hf.mamba2",
     "hgrn2": "models.hf.hgrn2",
     "mom": "models.hf.mom",
+    "gated_deltanet": "models.hf.gated_deltanet",
 }
 
 # Special-token spellings of common tokenizers (GPT-NeoX-20B, Llama, T5-style), for tokenizer_config.json.
@@ -39,6 +40,12 @@ def _family_for_mixers(mixers: list[str]) -> ModuleType:
     # Fallback to generated trust_remote_code files for layers without a native class (models/hf/remote_code.py).
     if importlib.import_module("models.hf.remote_code").needs_remote_code(mixers):
         return importlib.import_module("models.hf.remote_code")
+    # A family whose class also holds attention layers (fla's `attn` field) takes its hybrids with them.
+    recurrent = names - {"attention"}
+    if len(recurrent) == 1 and next(iter(recurrent)) in FAMILIES:
+        module = importlib.import_module(FAMILIES[next(iter(recurrent))])
+        if getattr(module, "HYBRID_WITH_ATTENTION", False):
+            return module
     if len(names) != 1 or next(iter(names)) not in FAMILIES:
         raise ValueError(
             f"no Hugging Face export for layers {sorted(names)}; exportable families: {sorted(FAMILIES)}"

@@ -13,6 +13,7 @@ import torch
 from transformers import PretrainedConfig
 
 from models.config import HGRN2Config, ModelConfig
+from models.hf.fla_layout import fla_mlp_hidden
 
 MODEL_TYPE = "hgrn2"
 
@@ -91,19 +92,13 @@ def from_hf_config(hf: PretrainedConfig) -> ModelConfig:
         n_layers=hf.num_hidden_layers,
         n_heads=hf.hidden_size // hf.expand_ratio,
         mixer="hgrn2",
-        ffn_hidden=hf.intermediate_size or _fla_mlp_hidden(hf.hidden_size, hf.hidden_ratio),
+        ffn_hidden=hf.intermediate_size or fla_mlp_hidden(hf.hidden_size, hf.hidden_ratio),
         norm_eps=hf.norm_eps,
         tie_embeddings=hf.tie_word_embeddings,
         init_std=hf.initializer_range,
         max_seq_len=hf.max_position_embeddings,
         hgrn2=HGRN2Config(expand_ratio=hf.expand_ratio, use_lower_bound=hf.use_lower_bound),
     )
-
-
-def _fla_mlp_hidden(d_model: int, hidden_ratio: int | None) -> int:
-    """fla's GatedMLP: int(d_model * hidden_ratio * 2 / 3) rounded up to a multiple of 256."""
-    hidden = int(d_model * (hidden_ratio or 4) * 2 / 3)
-    return 256 * ((hidden + 255) // 256)
 
 
 def _rename(key: str, top: dict[str, str], block: dict[str, str], src: str, dst: str) -> str:

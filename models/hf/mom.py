@@ -14,23 +14,9 @@ import torch
 from transformers import PretrainedConfig
 
 from models.config import ModelConfig, MoMConfig
+from models.hf.fla_layout import fla_mlp_hidden, from_fla, to_fla
 
 MODEL_TYPE = "mom"
-
-_TOP_KEYS = {
-    "embed.weight": "model.embeddings.weight",
-    "norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
-_BLOCK_PREFIXES = {  # ours -> fla's, inside block i
-    "mixer_norm.": "attn_norm.",
-    "mixer.": "attn.",
-    "ffn_norm.": "mlp_norm.",
-    "ffn.gate.": "mlp.gate_proj.",
-    "ffn.up.": "mlp.up_proj.",
-    "ffn.down.": "mlp.down_proj.",
-}
-
 
 class _FlaConfig(PretrainedConfig):
     """A config.json writer for fla's MomConfig fields (model_type "mom")."""
@@ -90,7 +76,7 @@ def from_hf_config(hf: PretrainedConfig) -> ModelConfig:
     if getattr(hf, "single_kv_proj", False) or not getattr(hf, "use_short_conv", True) or getattr(hf, "attn", None):
         raise ValueError("MoM checkpoints with single_kv_proj, without short convolutions or with hybrid "
                          "attention layers have no counterpart here")
-    hidden = hf.intermediate_size or 256 * ((int(hf.hidden_size * (hf.hidden_ratio or 4) * 2 / 3) + 255) // 256)
+    hidden = hf.intermediate_size or fla_mlp_hidden(hf.hidden_size, hf.hidden_ratio)
     return ModelConfig(
         vocab_size=hf.vocab_size,
         d_model=hf.hidden_size,
@@ -115,27 +101,11 @@ def from_hf_config(hf: PretrainedConfig) -> ModelConfig:
     )
 
 
-def _rename(key: str, top: dict[str, str], prefixes: dict[str, str], src: str, dst: str) -> str:
-    if key in top:
-        return top[key]
-    if key.startswith(src):
-        index, _, rest = key[len(src):].partition(".")
-        for a, b in prefixes.items():
-            if rest.startswith(a):
-                return f"{dst}{index}.{b}{rest[len(a):]}"
-    raise KeyError(f"no MoM mapping for state_dict key {key!r}")
-
-
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state_dict with fla's keys."""
-    return {_rename(k, _TOP_KEYS, _BLOCK_PREFIXES, "blocks.", "model.layers."): v for k, v in state.items()}
+    return to_fla(state)
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """fla's MoM state_dict with our keys (the LM head restored from the embedding if tied)."""
-    top = {v: k for k, v in _TOP_KEYS.items()}
-    prefixes = {v: k for k, v in _BLOCK_PREFIXES.items()}
-    ours = {_rename(k, top, prefixes, "model.layers.", "blocks."): v for k, v in state.items()}
-    if cfg.tie_embeddings:
-        ours.setdefault("lm_head.weight", ours["embed.weight"])
-    return ours
+    return from_fla(state, cfg.tie_embeddings)

@@ -143,3 +143,30 @@ def test_evaluate_cli_runs_lm_eval_on_an_exported_folder(exported, tmp_path):
     for task in direct:
         assert written[task] == pytest.approx(direct[task])
     assert "| t_mc | acc |" in (out / "summary.md").read_text()
+
+
+def test_evaluate_cli_runs_lm_eval_on_a_gated_deltanet_export(exported, tmp_path):
+    """A Gated DeltaNet 3:1 hybrid's export (fla's layout, read back by load_hf without fla) through the
+    same CLI: its metrics equal the adapter's on the model in memory."""
+    import yaml
+    from harness import TINY
+
+    from launch.evaluate import main as evaluate_main
+    from models import ModelConfig
+
+    _, xlstm_folder = exported
+    torch.manual_seed(0)
+    raw = yaml.safe_load((TINY / "hybrid_gdn.yaml").read_text())["model"]
+    model = CausalLM(ModelConfig(**raw | {"vocab_size": 320, "max_seq_len": MAX_LENGTH})).eval()
+    folder = export_hf(model, tmp_path / "gdn", tokenizer_file=str(xlstm_folder / "tokenizer.json"))
+    _write_tasks(tmp_path)
+    out = tmp_path / "eval"
+    assert evaluate_main(["--checkpoint", str(folder), "--suite", "lm_eval", "--tasks", "t_mc,t_roll",
+                          "--task-dir", str(tmp_path), "--batch-size", "4", "--device", "cpu",
+                          "--wandb", "disabled", "--out", str(out)]) == 0
+    written = json.loads((out / "results.json").read_text())["lm_eval"]
+    direct = task_metrics(run_lm_eval(HybridLM(model=model, tokenizer=str(folder), batch_size=2), ["t_mc", "t_roll"],
+                                      task_dir=str(tmp_path)))
+    assert written.keys() == direct.keys() == {"t_mc", "t_roll"}
+    for task in direct:
+        assert written[task] == pytest.approx(direct[task], rel=1e-5)

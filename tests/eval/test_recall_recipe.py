@@ -22,7 +22,7 @@ SMALL = {"task.vocab_size": 64, "task.train_settings": [[32, 2], [32, 4]], "task
 def test_shipped_recipe_builds_every_family():
     recipe = load_recipe(RECIPE)
     families = {name: recipe.build_model_config(name).mixer for name in recipe.models}
-    assert set(families.values()) == {"attention", "mlstm", "mamba", "mamba2"}
+    assert set(families.values()) == {"attention", "mlstm", "mamba", "mamba2", "gated_deltanet"}
     assert [(s.seq_len, s.num_kv_pairs) for s in recipe.grid()] == [(64, 2), (64, 4), (64, 8), (64, 16)]
 
 
@@ -35,12 +35,12 @@ def test_attention_solves_small_mqar_and_report_compares_families(tmp_path):
     assert min(g["accuracy"] for g in grid) >= 0.9, grid
     print(f"attention: {grid} in {seconds:.1f} s ({attention['models']['attention']['steps']} steps)")
 
-    others = run_recipe(load_recipe(RECIPE, {**SMALL, "train.steps": 5}), only=["mlstm", "mamba", "mamba2"])
+    others = run_recipe(load_recipe(RECIPE, {**SMALL, "train.steps": 5}), only=["mlstm", "mamba", "mamba2", "gated_deltanet"])
     mqar = {"models": {**attention["models"], **others["models"]}}
     written = write_report({"mqar": mqar}, tmp_path)
     assert written["recall_plot"].read_bytes()[:4] == b"\x89PNG"
     table = written["markdown"].read_text()
-    assert "| seq_len | kv pairs | attention | mlstm | mamba | mamba2 |" in table
+    assert "| seq_len | kv pairs | attention | mlstm | mamba | mamba2 | gated_deltanet |" in table
     assert table.count("| 32 | ") == 2
     # Attention's state is its KV cache (2 layers x k, v x 32 positions x 64 wide x 4 bytes); the recurrences'
     # states do not depend on the length.

@@ -15,6 +15,7 @@ FAMILIES = {
     "mlstm": dict(mixer="mlstm", n_heads=2),
     "mamba": dict(mixer="mamba", n_heads=1, ffn_hidden=0, mamba={"d_state": 8}),
     "mamba2": dict(mixer="mamba2", n_heads=4, ffn_hidden=0, mamba2={"d_state": 8, "headdim": 16, "chunk_size": 16}),
+    "gated_deltanet": dict(mixer="gated_deltanet", n_heads=2, gated_deltanet={"head_dim": 16, "n_v_heads": 4}),
 }
 
 

@@ -17,6 +17,8 @@ FAMILIES = {
     "mom": {"mom": {"head_dim": 16, "num_memories": 4, "top_k": 2, "chunk_size": 16}},
     "mom-gla": {"mom": {"head_dim": 16, "num_memories": 4, "top_k": 2, "chunk_size": 16, "backend": "gla"}},
     "sliding-window-hybrid": {"pattern": "WA", "sliding_window": {"window": 256}},
+    "gated_deltanet": {"gated_deltanet": {"head_dim": 16, "chunk_size": 16}},
+    "hybrid_gdn": {"gated_deltanet": {"head_dim": 16, "n_heads": 2, "n_v_heads": 4, "expand_v": 1.0, "chunk_size": 16}},
 }
 # What the formula leaves out and the counter counts, as measured (else they agree to rounding):
 UNCOUNTED = {

@@ -18,7 +18,8 @@ from models import CausalLM, ModelConfig
 from models.documents import Documents, DocumentsError
 
 FAMILIES = sorted(p.stem for p in TINY.glob("*.yaml"))
-EVERY_LETTER = {"pattern": "AXMmHRWBS", "n_layers": 9, "hgrn2": {"expand_ratio": 16}}  # on the tiny hybrid
+EVERY_LETTER = {"pattern": "AXMmHRWBSG", "n_layers": 10, "hgrn2": {"expand_ratio": 16},
+                "gated_deltanet": {"head_dim": 16}}  # on the tiny hybrid
 T = 48
 ROWS = [[1, 15, 21, 11], [T]]  # boundaries at 1, 16 (a chunk end), 37; then one document for the whole row
 

@@ -68,7 +68,7 @@ def test_generated_modeling_file_inlines_only_what_the_model_needs(tmp_path):
     source = (tmp_path / "modeling_hybrid.py").read_text()
     compile(source, "modeling_hybrid.py", "exec")
     assert "def _module__models__mixers__mamba2():" in source and "def _module__kernels__ssd():" in source
-    for unused in ("bst", "scout", "mlstm", "hgrn2", "mom"):
+    for unused in ("bst", "scout", "mlstm", "hgrn2", "mom", "gated_deltanet"):
         assert f"_module__models__mixers__{unused}" not in source
     assert "\nfrom models" not in source and "\nfrom kernels" not in source and "\n    from models" not in source
 
@@ -77,6 +77,7 @@ def test_generated_modeling_file_inlines_only_what_the_model_needs(tmp_path):
     (["bst"], True), (["scout"], True), (["sliding_window"], True), (["mamba2", "attention"], True),
     (["mamba2"], False), (["attention"], False), (["mlstm"], False),
     (["mlstm", "attention"], False),  # Triton-backed families are not offered as remote code
+    (["gated_deltanet", "attention"], False),  # fla's own class holds this hybrid (models/hf/gated_deltanet.py)
 ])
 def test_remote_code_is_the_fallback_for_layers_without_a_native_class(mixers, remote):
     assert needs_remote_code(mixers) is remote

@@ -27,14 +27,16 @@ SPLITS = {
     "mom": ("mom", []),
     "bst": ("bst", []),
     "scout": ("scout", ["model.mamba2.n_groups=2"]),
+    "gated_deltanet": ("gated_deltanet", []),
+    "hybrid_gdn": ("hybrid_gdn", []),  # GGGA with GVA: each rank takes 1 q/k head and the 2 value heads it serves
     "mom-gla-capacity": ("mom", ["model.mom.backend=gla", "model.mom.capacity_factor=0.3",
                                  "model.mom.shared_memory=false"]),
     "bst-single_head": ("bst", ["model.bst.context=single_head"]),
     "bst-multi_head": ("bst", ["model.bst.context=multi_head"]),
     "scout-mamba": ("scout", ["model.scout.local_mixer=mamba"]),
     "scout-sliding_window": ("scout", ["model.scout.local_mixer=sliding_window"]),
-    "hybrid-every-mixer": ("hybrid", ["model.pattern=AXMmHRWBS", "model.n_layers=9", "model.mamba2.n_groups=2",
-                                       "model.hgrn2.expand_ratio=16"]),
+    "hybrid-every-mixer": ("hybrid", ["model.pattern=AXMmHRWBSG", "model.n_layers=10", "model.mamba2.n_groups=2",
+                                       "model.hgrn2.expand_ratio=16", "model.gated_deltanet.head_dim=16"]),
 }
 
 
