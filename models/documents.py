@@ -6,7 +6,8 @@ layout): [0, ..., B*T], strictly increasing, every row end B_i*T among them (a d
 rows). `Documents` checks that once, in CausalLM.forward, and derives what the mixers need: per-token
 positions (RoPE restarts at each document) and the gather indices of `per_document`.
 
-`per_document(fn, x, docs)` runs a token mixer on each document alone, exactly: the documents are cut out
+`per_document(fn, x, docs)` runs a token mixer (or, under sequence parallelism, the part of it that sees whole
+rows) on each document alone, exactly: the documents are cut out
 and right-padded into a few batches of equal length (one per power of two, so padding at most doubles the
 tokens; always ceil(log2(T)) + 1 calls, the same on every rank), `fn` runs on each batch as on ordinary fresh sequences,
 and the outputs are put back. Padding sits after a document's last token, so a causal mixer's outputs on
@@ -106,19 +107,20 @@ class Documents:
         return groups
 
 
-def per_document(fn, x: torch.Tensor, docs: Documents) -> torch.Tensor:
-    """y[b, t] = fn(document containing (b, t) alone)[its position]; x (B, T, ...), fn: (n, L, ...) -> (n, L, ...)
-    with the trailing dims of its output free."""
-    flat = x.flatten(0, 1)  # (B*T, ...)
+def per_document(fn, x, docs: Documents) -> torch.Tensor:
+    """y[b, t] = fn(document containing (b, t) alone)[its position]. x (B, T, ...) or a tuple of such tensors
+    (each cut the same way; fn takes them in order): fn (n, L, ...) -> (n, L, ...), the trailing dims of its
+    output free."""
+    flats = [t.flatten(0, 1) for t in (x if isinstance(x, tuple | list) else (x,))]  # (B*T, ...) each
     out = None
     for index, real in docs.groups:
-        y = fn(flat[index])  # (n, L, ...)
+        y = fn(*(flat[index] for flat in flats))  # (n, L, ...)
         if out is None:
-            out = y.new_zeros(flat.shape[0], *y.shape[2:])
+            out = y.new_zeros(flats[0].shape[0], *y.shape[2:])
         if real is None:  # a placeholder: joins the graph with weight 0, so its backward runs on every rank too
             out = out + 0 * y.sum()
         else:
             where, tokens = real
             # Out of place, so autograd runs through every group.
             out = out.index_copy(0, tokens, y.flatten(0, 1).index_select(0, where))
-    return out.view(*x.shape[:2], *out.shape[1:])
+    return out.view(docs.batch, docs.length, *out.shape[1:])

@@ -21,7 +21,8 @@ from models.norms import RMSNorm
 @dataclass
 class LMOutput:
     logits: torch.Tensor  # (B, T, V)
-    state: list | None  # one recurrent state (or KV cache) per layer; None when not asked for
+    state: list | None  # one recurrent state (or KV cache) per layer; None when not asked for. A packed
+    # prefill (cu_seqlens with return_state) gives one such list per document, in cu_seqlens order.
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100 (+ aux_loss)
     aux_loss: torch.Tensor | None = None  # sum of the mixers' auxiliary losses (MoM load balancing), weighted
 
@@ -77,18 +78,25 @@ class CausalLM(nn.Module):
         state: list | None = None,
         return_state: bool = False,
         cu_seqlens: torch.Tensor | None = None,
+        row_length: int | None = None,
     ) -> LMOutput:
         """input_ids, labels: (B, T). `state` continues from an earlier call (prefill in pieces).
 
         cu_seqlens (N + 1,): packed documents (models/documents.py), the cumulative document lengths over
         the flattened B*T tokens; every layer then runs each document as a fresh sequence, so no token sees
-        another document. Checked here, before any kernel sees it."""
+        another document. Checked here, before any kernel sees it. row_length: the length of the rows
+        cu_seqlens is over, when input_ids holds one sequence-parallel rank's contiguous slice of each row
+        (the mixers see whole rows between their all-to-alls); None = T. With return_state, a packed prefill:
+        `state` is each document's decoding state (decode each with `step` at batch size 1)."""
         docs = None
         if cu_seqlens is not None:
-            if state is not None or return_state:
-                raise ValueError("packed documents (cu_seqlens) start on a fresh state and return none; "
-                                 "prefill and decode one document per row")
-            docs = Documents.from_cu_seqlens(cu_seqlens, *input_ids.shape, device=input_ids.device)
+            if state is not None:
+                raise ValueError("packed documents (cu_seqlens) start on a fresh state; continue one document "
+                                 "per row from its own state")
+            docs = Documents.from_cu_seqlens(cu_seqlens, input_ids.shape[0], row_length or input_ids.shape[1],
+                                             device=input_ids.device)
+            if return_state:
+                return self._prefill_documents(input_ids, labels, docs)
         x = self.embed(input_ids)  # (B, T, D)
         new_state = []
         for i, block in enumerate(self.blocks):
@@ -133,6 +141,16 @@ class CausalLM(nn.Module):
             x, layer_state = block.step(x, layer_state)
             new_state.append(layer_state)
         return self._logits(x), new_state
+
+    def _prefill_documents(self, input_ids: torch.Tensor, labels: torch.Tensor | None, docs: Documents) -> LMOutput:
+        """Packed prefill: each document alone from a fresh state (a state is the one after a document's last
+        real token, so documents are not padded together here), logits put back in the packed layout."""
+        flat = input_ids.flatten()
+        outs = [self(flat[a:b][None], return_state=True) for a, b in zip(docs.cu_seqlens[:-1].tolist(),
+                                                                          docs.cu_seqlens[1:].tolist())]
+        logits = torch.cat([o.logits[0] for o in outs]).view(*input_ids.shape, -1)
+        # No auxiliary loss: a prefill is for decoding, which has none (as `step`).
+        return LMOutput(logits, [o.state for o in outs], None if labels is None else lm_loss(logits, labels))
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

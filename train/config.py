@@ -120,10 +120,6 @@ class RunConfig(Section):
         if self.eval.every and self.data.holdout_fraction == 0:
             raise ValueError("eval.every > 0 scores held-out documents: set data.holdout_fraction > 0 "
                              "(and prepare the data again) or eval.every=0")
-        if self.data.packs_documents and self.parallel.sequence_parallel_size > 1:
-            raise ValueError("data.separate_documents does not run under sequence parallelism yet (a document "
-                             "would be cut between ranks): set parallel.sequence_parallel_size=1, or use "
-                             "data.mode=decompose, whose rows are one document each")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "

@@ -6,10 +6,16 @@ mixer has three parts: `project(x)` (token-local: projections to per-head tensor
 convolution) and `output(y, x)` (token-local again). Around `mix`, one all-to-all turns (local tokens, all
 heads) into (all tokens, local heads) and a second turns the result back, so no recurrent state ever
 crosses a shard. mLSTM and HGRN2 offer exactly these three methods. The other mixers write
-`sp_forward(x, sp)` from the collectives of `SequenceParallel`: attention hands q, k, v to DeepSpeed's
+`sp_forward(x, sp, docs)` from the collectives of `SequenceParallel`: attention hands q, k, v to DeepSpeed's
 DistributedAttention, Mamba-2 sends its B/C groups with its heads, Mamba-1 splits channels and sums its
 partial x_proj, MoM gathers the whole sequence for its router, BST gathers the SSM outputs its context
-states are made of, SCOUT nests its local mixer's split.
+states are made of, SCOUT nests its local mixer's split; Gated DeltaNet sends its value heads with the
+query/key heads they read.
+
+Packed documents (models/documents.py): `cu_seqlens` stays over the whole rows, and the part of a mixer
+that sees whole rows (`mix`, or the middle of `sp_forward`) runs on each document alone through
+`per_document`, with any collective inside it called identically on every rank of the group (the ranks
+hold the same rows, so the same documents).
 
 The wrapper is applied from outside, as FSDP2's `fully_shard` does: the mixer's class is swapped for a
 subclass whose forward runs the split, so parameter names (and so checkpoints) do not change.
@@ -20,6 +26,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from models.documents import per_document
 
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
@@ -110,7 +118,7 @@ class AllReduceSum(torch.autograd.Function):
 class SequenceParallel:
     """One SP group and the autograd-aware collectives a mixer may use on it.
 
-    `run` puts the two all-to-alls around a mixer's `mix`, or calls its `sp_forward(x, sp)`, which builds its
+    `run` puts the two all-to-alls around a mixer's `mix`, or calls its `sp_forward(x, sp, docs)`, which builds its
     split from the pieces here (see the module docstring).
     """
 
@@ -146,12 +154,14 @@ class SequenceParallel:
         """The heads (or channels) of n that `seq_to_heads` leaves on this rank: a contiguous share."""
         return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
 
-    def run(self, mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The mixer's output for this rank's tokens x (B, T/sp, D)."""
+    def run(self, mixer: nn.Module, x: torch.Tensor, docs=None) -> torch.Tensor:
+        """The mixer's output for this rank's tokens x (B, T/sp, D). `docs`: packed documents over the whole
+        rows (models/documents.py); the part of the mixer that sees whole rows runs on each document alone."""
         if hasattr(mixer, "sp_forward"):
-            return mixer.sp_forward(x, self)
+            return mixer.sp_forward(x, self, docs)
         heads = [self.seq_to_heads(t) for t in mixer.project(x)]
-        return mixer.output(self.heads_to_seq(mixer.mix(*heads)), x)
+        y = mixer.mix(*heads) if docs is None else per_document(mixer.mix, heads, docs)
+        return mixer.output(self.heads_to_seq(y), x)
 
 
 class UlyssesMixer:
@@ -165,9 +175,7 @@ class UlyssesMixer:
         return self.sp.run(self, x), None
 
     def forward_packed(self, x: torch.Tensor, docs):
-        # train/config.py refuses the combination up front; this guards a direct call.
-        raise ValueError("packed documents (cu_seqlens) do not run under sequence parallelism yet; "
-                         "set parallel.sequence_parallel_size=1")
+        return self.sp.run(self, x, docs)
 
 
 def supports_sequence_parallel(mixer: nn.Module) -> bool:
@@ -218,7 +226,8 @@ def shard_sequence(batch: dict[str, torch.Tensor], sp_rank: int, sp: int) -> dic
     if t % sp:
         raise ValueError(f"sequence length {t} is not divisible by parallel.sequence_parallel_size={sp}")
     size = t // sp
-    return {k: v[:, sp_rank * size:(sp_rank + 1) * size] for k, v in batch.items()}
+    # Packed documents' cu_seqlens stays whole: the mixers see whole rows (CausalLM.forward's row_length).
+    return {k: v if k == "cu_seqlens" else v[:, sp_rank * size:(sp_rank + 1) * size] for k, v in batch.items()}
 
 
 def loss_scale(zero_stage: int, sp: int) -> float:

@@ -117,11 +117,12 @@ def build_engine(cfg: RunConfig, par: Parallel) -> TrainEngine:
 
 def forward(engine, micro_batch: dict[str, torch.Tensor], par: Parallel) -> LMOutput:
     """The model on this rank's tokens of the micro batch; `loss` is their mean (plus any auxiliary loss)."""
+    row_length = micro_batch["input_ids"].shape[1]
     if par.sp_size > 1:
         micro_batch = sequence_parallel.shard_sequence(micro_batch, par.sp_rank, par.sp_size)
     ids, labels = (micro_batch[k].to(engine.device) for k in ("input_ids", "labels"))
     # Packed documents (data.separate_documents): the boundaries stay on the host, where they are checked.
-    return engine(ids, labels=labels, cu_seqlens=micro_batch.get("cu_seqlens"))
+    return engine(ids, labels=labels, cu_seqlens=micro_batch.get("cu_seqlens"), row_length=row_length)
 
 
 def train_step(run: TrainEngine, micro_batches: list[dict], par: Parallel, lr: float) -> tuple[float, float, bool]:

@@ -97,10 +97,12 @@ class AttentionMixer(nn.Module):
     def output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(y.flatten(2))
 
-    def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
-        """Sequence parallelism (train/sequence_parallel.py): DeepSpeed's DistributedAttention runs `mix`
-        between its all-to-alls. This rank's tokens x (B, T/sp, D) -> (B, T/sp, D)."""
-        return self.output(sp.attention(self.mix, *self.project(x)), x)
+    def sp_forward(self, x: torch.Tensor, sp, docs=None) -> torch.Tensor:
+        """Sequence parallelism (train/sequence_parallel.py): DeepSpeed's DistributedAttention runs `mix` (or,
+        on packed documents over the whole rows, `mix_packed`) between its all-to-alls. This rank's tokens
+        x (B, T/sp, D) -> (B, T/sp, D)."""
+        local = self.mix if docs is None else lambda q, k, v: self.mix_packed(q, k, v, docs)
+        return self.output(sp.attention(local, *self.project(x)), x)
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         q, k, v = (t.transpose(1, 2) for t in self.project(x))  # (B, h, T, hd)
@@ -114,12 +116,17 @@ class AttentionMixer(nn.Module):
     def forward_packed(self, x: torch.Tensor, docs) -> torch.Tensor:
         """Packed documents (models/documents.py): x (B, T, D) -> (B, T, D), each document attending to itself
         only, its RoPE positions starting at 0 (flash-attn's varlen kernel on CUDA)."""
-        b, t, _ = x.shape
-        q, k, v = (z.flatten(0, 1) for z in self.project(x))  # (B*T, h, hd)
+        return self.output(self.mix_packed(*self.project(x), docs), x)
+
+    def mix_packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs) -> torch.Tensor:
+        """Whole rows of some heads, (B, T, h, hd) each -> (B, T, h, hd): RoPE from each document's start and
+        varlen attention over cu_seqlens."""
+        b, t = q.shape[:2]
+        q, k, v = (z.flatten(0, 1) for z in (q, k, v))  # (B*T, h, hd)
         cos, sin = rope_cos_sin(docs.device_positions, self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
         y = packed_attention(q, k, v, docs.device_cu_seqlens, docs.max_length, self.window)  # (B*T, h, hd)
-        return self.output(y.unflatten(0, (b, t)), x)
+        return y.unflatten(0, (b, t))
 
     def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         y, state = self.forward(x_t[:, None], state)

@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import attention
 from models.config import ModelConfig
+from models.documents import per_document
 from models.flops import linear
 from models.mixers.attention import AttentionMixer, KVCache
 from models.mixers.mamba import exclude_from_weight_decay
@@ -233,13 +234,17 @@ class BSTMixer(nn.Module):
     def sp_head_counts(self) -> dict[str, int]:
         return {**self.attn.sp_head_counts(), "model.d_model (BST's SSM channels)": self.d_model}
 
-    def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
-        """This rank's tokens x (B, T/sp, D) -> y (B, T/sp, D)."""
-        q, k, v = (sp.seq_to_heads(z) for z in self.attn.project(x))  # (B, T, h, hd)
-        u, _ = self.ssm(sp.seq_to_heads(x), sp.local(self.d_model))  # (B, T, C / sp)
-        src = sp.all_gather(self._context_sources(u), dim=-1)  # every channel
-        ck, cv = self._context_kv(src.flatten(0, 1), sp.local(self.attn.n_kv_heads))
-        y, _ = self._block_attention(q, k, v, ck, cv)
+    def sp_forward(self, x: torch.Tensor, sp, docs=None) -> torch.Tensor:
+        """This rank's tokens x (B, T/sp, D) -> y (B, T/sp, D); `docs`: packed documents over the whole rows
+        (every rank of the group makes the same all-gathers: it has the same documents)."""
+        def mix(q, k, v, xs):  # whole rows: q (B, T, h, hd), k and v (B, T, h_kv, hd), xs (B, T, D / sp)
+            u, _ = self.ssm(xs, sp.local(self.d_model))  # (B, T, C / sp)
+            src = sp.all_gather(self._context_sources(u), dim=-1)  # every channel
+            ck, cv = self._context_kv(src.flatten(0, 1), sp.local(self.attn.n_kv_heads))
+            return self._block_attention(q, k, v, ck, cv)[0]
+
+        whole = [sp.seq_to_heads(z) for z in (*self.attn.project(x), x)]
+        y = mix(*whole) if docs is None else per_document(mix, whole, docs)
         return self.attn.output(sp.heads_to_seq(y), x)
 
     def step(self, x_t: torch.Tensor, state: BSTState) -> tuple[torch.Tensor, BSTState]:

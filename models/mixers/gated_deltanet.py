@@ -31,6 +31,7 @@ from torch import nn
 from kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
 from kernels.delta_rule.dispatch import TRITON_CHUNK
 from models.config import ModelConfig
+from models.documents import per_document
 from models.flops import chunk_width, linear
 from models.mixers.mamba import ShortConv
 
@@ -174,8 +175,9 @@ class GatedDeltaNetMixer(nn.Module):
         return {"gated_deltanet.n_heads (else model.n_heads)": self.n_heads,
                 "gated_deltanet.n_v_heads": self.n_v_heads}
 
-    def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
-        """This rank's tokens x (B, T/sp, d) -> y (B, T/sp, d)."""
+    def sp_forward(self, x: torch.Tensor, sp, docs=None) -> torch.Tensor:
+        """This rank's tokens x (B, T/sp, d) -> y (B, T/sp, d); `docs`: packed documents over the whole rows."""
         heads = [sp.seq_to_heads(t) for t in self._project(x)]
-        o, _ = self._mix(*heads, sp.local(self.n_heads), sp.local(self.n_v_heads), None)
+        mix = lambda *hs: self._mix(*hs, sp.local(self.n_heads), sp.local(self.n_v_heads), None)[0]  # noqa: E731
+        o = mix(*heads) if docs is None else per_document(mix, heads, docs)
         return self._out(sp.heads_to_seq(o), x)

@@ -24,6 +24,7 @@ from torch import nn
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from kernels.selective_scan import selective_scan, selective_state_update
 from models.config import ModelConfig
+from models.documents import per_document
 from models.flops import linear
 
 
@@ -164,21 +165,27 @@ class MambaMixer(nn.Module):
     def sp_head_counts(self) -> dict[str, int]:
         return {"Mamba d_inner channels (expand * d_model)": self.d_inner}
 
-    def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
-        """This rank's tokens x (B, T/sp, d_model) -> y (B, T/sp, d_model)."""
+    def sp_forward(self, x: torch.Tensor, sp, docs=None) -> torch.Tensor:
+        """This rank's tokens x (B, T/sp, d_model) -> y (B, T/sp, d_model); `docs`: packed documents over the
+        whole rows (every rank of the group makes the same all-reduces: it has the same documents)."""
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T/sp, d_inner) each
         u = sp.seq_to_heads(u)  # (B, T, d_inner/sp): whole sequences of our channels
         ch = sp.local(self.d_inner)
-        u, _ = self.conv1d(u, None, ch)
-        # Summed in fp32, so bf16 rounds once, after the sum, as the unsplit projection does.
-        partial = F.linear(u.float(), self.x_proj.weight[:, ch].float())
-        dt, B, C = sp.all_reduce(partial).to(u.dtype).split([self.dt_rank, self.cfg.d_state, self.cfg.d_state], -1)
-        dt = F.linear(dt, self.dt_proj.weight[ch])
-        y, _ = selective_scan(
-            u.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log[ch].float()), B.transpose(1, 2),
-            C.transpose(1, 2), D=self.D[ch].float(), delta_bias=self.dt_proj.bias[ch].float(), delta_softplus=True,
-        )
-        y = sp.heads_to_seq(y.transpose(1, 2))  # (B, T/sp, d_inner)
+
+        def mix(u):
+            u, _ = self.conv1d(u, None, ch)
+            # Summed in fp32, so bf16 rounds once, after the sum, as the unsplit projection does.
+            partial = F.linear(u.float(), self.x_proj.weight[:, ch].float())
+            dt, B, C = sp.all_reduce(partial).to(u.dtype).split([self.dt_rank, self.cfg.d_state, self.cfg.d_state], -1)
+            dt = F.linear(dt, self.dt_proj.weight[ch])
+            y, _ = selective_scan(
+                u.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log[ch].float()), B.transpose(1, 2),
+                C.transpose(1, 2), D=self.D[ch].float(), delta_bias=self.dt_proj.bias[ch].float(), delta_softplus=True,
+            )
+            return y.transpose(1, 2)
+
+        y = mix(u) if docs is None else per_document(mix, u, docs)
+        y = sp.heads_to_seq(y)  # (B, T/sp, d_inner)
         # The gate is token-local, so it is applied after the way back (in fp32, as the scan applies it).
         return self.out_proj((y.float() * F.silu(z.float())).to(y.dtype))
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from kernels.ssd import ssd, ssd_step
 from models.config import ModelConfig
+from models.documents import per_document
 from models.flops import chunk_width, linear
 from models.mixers.mamba import ShortConv, SSMState, exclude_from_weight_decay, softplus_inverse_dt
 
@@ -105,25 +106,30 @@ class Mamba2Mixer(nn.Module):
     def sp_head_counts(self) -> dict[str, int]:
         return {"Mamba-2 heads (expand * d_model / headdim)": self.n_heads, "mamba2.n_groups": self.cfg.n_groups}
 
-    def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
-        """This rank's tokens x (B, T/sp, d_model) -> y (B, T/sp, d_model)."""
+    def sp_forward(self, x: torch.Tensor, sp, docs=None) -> torch.Tensor:
+        """This rank's tokens x (B, T/sp, d_model) -> y (B, T/sp, d_model); `docs`: packed documents over the
+        whole rows."""
         m = self.cfg
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv1d.in_channels, self.n_heads], dim=-1)
         # Whole sequences of our heads (B, T, h, P), their groups' B and C (B, T, g, N) and dt (B, T, h).
-        xs, B, C, dt = (sp.seq_to_heads(t) for t in (*self._scan_args(xbc), dt))
+        whole = [sp.seq_to_heads(t) for t in (*self._scan_args(xbc), dt)]
         heads, groups = sp.local(self.n_heads), sp.local(m.n_groups)
         x_ch, b_ch, c_ch = torch.arange(self.conv1d.in_channels, device=x.device).split(
             [self.d_inner, self.bc_dim, self.bc_dim])
         channels = torch.cat([x_ch.view(self.n_heads, -1)[heads].flatten(), b_ch.view(m.n_groups, -1)[groups].flatten(),
                               c_ch.view(m.n_groups, -1)[groups].flatten()])
-        xs, B, C = (t.flatten(-2) for t in (xs, B, C))
-        xbc, _ = self.conv1d(torch.cat([xs, B, C], dim=-1), None, channels)
-        xs, B, C = xbc.split([xs.shape[-1], B.shape[-1], C.shape[-1]], dim=-1)
-        y, _ = ssd(
-            xs.unflatten(-1, (-1, m.headdim)), dt, self.A[heads], B.unflatten(-1, (-1, m.d_state)),
-            C.unflatten(-1, (-1, m.d_state)), m.chunk_size, D=self.D[heads], dt_bias=self.dt_bias[heads],
-            dt_softplus=True, dt_limit=m.dt_limit,
-        )
+
+        def mix(xs, B, C, dt):
+            xs, B, C = (t.flatten(-2) for t in (xs, B, C))
+            xbc, _ = self.conv1d(torch.cat([xs, B, C], dim=-1), None, channels)
+            xs, B, C = xbc.split([xs.shape[-1], B.shape[-1], C.shape[-1]], dim=-1)
+            return ssd(
+                xs.unflatten(-1, (-1, m.headdim)), dt, self.A[heads], B.unflatten(-1, (-1, m.d_state)),
+                C.unflatten(-1, (-1, m.d_state)), m.chunk_size, D=self.D[heads], dt_bias=self.dt_bias[heads],
+                dt_softplus=True, dt_limit=m.dt_limit,
+            )[0]
+
+        y = mix(*whole) if docs is None else per_document(mix, whole, docs)
         y = sp.heads_to_seq(y)  # (B, T/sp, H, P)
         return self.out_proj(self.norm(y.flatten(-2), z))
 

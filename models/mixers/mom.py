@@ -40,6 +40,7 @@ from kernels.delta_rule.dispatch import TRITON_CHUNK as DELTA_RULE_CHUNK
 from kernels.gla import chunk_gla, gla_step
 from kernels.gla.dispatch import TRITON_CHUNK as GLA_CHUNK
 from models.config import ModelConfig
+from models.documents import per_document
 from models.flops import chunk_width, linear
 
 
@@ -249,11 +250,19 @@ class MoMMixer(nn.Module):
     def sp_head_counts(self) -> dict[str, int]:
         return {"model.n_heads": self.n_heads}
 
-    def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
-        """This rank's tokens x (B, T/sp, D) -> y (B, T/sp, D)."""
+    def sp_forward(self, x: torch.Tensor, sp, docs=None) -> torch.Tensor:
+        """This rank's tokens x (B, T/sp, D) -> y (B, T/sp, D); `docs`: packed documents over the whole rows
+        (each on fresh memories; the load-balancing loss over every token of the batch)."""
         heads = sp.local(self.n_heads)
-        state = self.init_state(x.shape[0], x.device, x.dtype, n_heads=heads.stop - heads.start)
-        out, _ = self._memories(sp.all_gather(x), state, heads)  # (B, T, h, dv)
+
+        def memories(xs):
+            state = self.init_state(xs.shape[0], xs.device, xs.dtype, n_heads=heads.stop - heads.start)
+            return self._memories(xs, state, heads)[0]  # (B, T, h, dv)
+
+        whole = sp.all_gather(x)
+        out = memories(whole) if docs is None else per_document(memories, whole, docs)
+        if docs is not None:
+            self.aux_loss = self.aux_loss_of(whole)
         return self._out(sp.heads_to_seq(out), x)
 
     def _memories(self, x: torch.Tensor, state: MoMState, heads: slice) -> tuple[torch.Tensor, MoMState]:

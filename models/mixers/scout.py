@@ -28,6 +28,7 @@ from torch import nn
 
 from kernels.attention import checkpoint_attention
 from models.config import ModelConfig
+from models.documents import per_document
 from models.mixers.attention import AttentionMixer, KVCache
 from models.norms import RMSNorm
 
@@ -94,11 +95,13 @@ class SCOUTMixer(nn.Module):
     def sp_head_counts(self) -> dict[str, int]:
         return {**self.local.sp_head_counts(), **self.attn.sp_head_counts()}
 
-    def sp_forward(self, x: torch.Tensor, sp) -> torch.Tensor:
-        """This rank's tokens x (B, T/sp, D) -> y (B, T/sp, D)."""
-        u = sp.run(self.local, x)
+    def sp_forward(self, x: torch.Tensor, sp, docs=None) -> torch.Tensor:
+        """This rank's tokens x (B, T/sp, D) -> y (B, T/sp, D); `docs`: packed documents over the whole rows."""
+        u = sp.run(self.local, x, docs)
         h = self.norm(u)
-        y, _ = self._attend_checkpoints(*(sp.seq_to_heads(z) for z in self.attn.project(h)))
+        whole = [sp.seq_to_heads(z) for z in self.attn.project(h)]
+        attend = lambda q, k, v: self._attend_checkpoints(q, k, v)[0]  # noqa: E731
+        y = attend(*whole) if docs is None else per_document(attend, whole, docs)
         return u + self.attn.output(sp.heads_to_seq(y), h)
 
     def step(self, x_t: torch.Tensor, state: SCOUTState) -> tuple[torch.Tensor, SCOUTState]:

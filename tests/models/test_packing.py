@@ -3,7 +3,8 @@
 For every family's tiny model (so every mixer, and BST's and SCOUT's hybrids, with the kernel paths the
 CPU takes: the references; the Triton and CUDA-package paths run the same per-document batches, see
 models/block.py): logits and every parameter gradient of a packed batch against each document run as its
-own sequence, in fp32 (fp32 rounding only: the batch shapes differ). The layout has a document of length 1, one ending exactly on a 16-token chunk
+own sequence, in fp32 (fp32 rounding only: the batch shapes differ); a packed prefill gives each
+document's decoding state. The layout has a document of length 1, one ending exactly on a 16-token chunk
 boundary, lengths that no chunk size divides, and a row that is one document. Inconsistent boundaries are
 a clear error naming the batch field before any kernel runs.
 """
@@ -65,6 +66,24 @@ def test_packed_forward_and_backward_equal_each_document_alone(family):
     assert rel_err(packed_grads[worst], alone_grads[worst]) < 1e-5, worst  # measured <= 1.5e-6 (MoM)
     # Without the boundaries the later documents read the earlier ones: the test can see a leak.
     assert rel_err(model(ids).logits.flatten(0, 1), torch.cat(alone)) > 1e-3
+
+
+@torch.no_grad()
+def test_a_packed_prefill_gives_each_document_its_own_state():
+    """The hybrid with every letter: the packed prefill's logits are the packed forward's, and one step from a
+    document's state gives the logits of that document run with the next token appended."""
+    model = tiny_model("every-letter").eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (len(ROWS), T))
+    lengths = [n for row in ROWS for n in row]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    out = model(ids, cu_seqlens=cu_seqlens, return_state=True)
+    assert rel_err(out.logits, model(ids, cu_seqlens=cu_seqlens).logits) < 3e-6
+    assert len(out.state) == len(lengths)
+    nxt = torch.randint(0, model.cfg.vocab_size, (len(lengths),))
+    for doc, state, token in zip(ids.flatten().split(lengths), out.state, nxt, strict=True):
+        logits, _ = model.step(token[None], state)
+        expected = model(torch.cat([doc, token[None]])[None]).logits[:, -1]
+        assert rel_err(logits, expected) < 1e-5
 
 
 def test_mom_load_balancing_is_over_the_batch_tokens_not_padding():

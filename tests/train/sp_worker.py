@@ -2,8 +2,8 @@
 
     torchrun --nproc_per_node 2 tests/train/sp_worker.py CASES.json
 
-CASES.json: [{"config": ..., "overrides": [KEY=VALUE, ...], "out": OUT.pt}, ...], all with the same
-sequence-parallel size; one job runs them all (a process group and a DeepSpeed engine per case cost ~7 s on
+CASES.json: [{"config": ..., "overrides": [KEY=VALUE, ...], "out": OUT.pt, "packed": bool}, ...], all with
+the same sequence-parallel size ("packed": the batch carries PACKED_CU_SEQLENS); one job runs them all (a process group and a DeepSpeed engine per case cost ~7 s on
 2 cores). For each, rank 0 saves the global mean loss and every parameter's full gradient (gathered from
 ZeRO partitions), so a test can compare sequence parallelism against the unsplit model in one process.
 """
@@ -24,19 +24,26 @@ from train import sequence_parallel  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.trainer import build_engine, forward, setup_parallel  # noqa: E402
 
+# Packed documents of the two 64-token rows: lengths 1, 15, 21, 27 and 40, 24, so documents end on 16-token
+# chunk boundaries and off them, and two cross the middle of their row, where the SP=2 ranks' halves meet.
+PACKED_CU_SEQLENS = [0, 1, 16, 37, 64, 104, 128]
 
-def fixed_batch(vocab: int, batch: int = 2, seq_len: int = 64) -> dict[str, torch.Tensor]:
+
+def fixed_batch(vocab: int, batch: int = 2, seq_len: int = 64, packed: bool = False) -> dict[str, torch.Tensor]:
     tokens = torch.randint(0, vocab, (batch, seq_len + 1), generator=torch.Generator().manual_seed(7))
-    return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    out = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    if packed:
+        out["cu_seqlens"] = torch.tensor(PACKED_CU_SEQLENS)
+    return out
 
 
-def run_case(config: str, overrides: list[str], out: str, par=None):
+def run_case(config: str, overrides: list[str], out: str, packed: bool = False, par=None):
     cfg = load_config(config, overrides, world_size=int(os.environ["WORLD_SIZE"]))
     if par is None:
         par = setup_parallel(cfg)  # the SP groups once per job
     par = dataclasses.replace(par, loss_scale=sequence_parallel.loss_scale(cfg.parallel.zero_stage, par.sp_size))
     engine = build_engine(cfg, par).engine
-    loss = forward(engine, fixed_batch(cfg.model.vocab_size), par).loss
+    loss = forward(engine, fixed_batch(cfg.model.vocab_size, packed=packed), par).loss
     engine.backward(loss * par.loss_scale)
     from deepspeed.utils import safe_get_full_grad
 
@@ -53,7 +60,7 @@ def main() -> None:
     par = None
     linear = torch.nn.functional.linear
     for case in json.loads(Path(sys.argv[1]).read_text()):
-        par = run_case(case["config"], case["overrides"], case["out"], par)
+        par = run_case(case["config"], case["overrides"], case["out"], case.get("packed", False), par)
         # ZeRO-3's zero.Init swaps F.linear for its own for the rest of the process: later cases get the
         # function a fresh job would.
         torch.nn.functional.linear = linear

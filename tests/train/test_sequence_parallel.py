@@ -40,25 +40,31 @@ SPLITS = {
 }
 
 
-def reference(cfg) -> tuple[float, dict[str, torch.Tensor]]:
+# Packed documents (tests/train/sp_worker.py PACKED_CU_SEQLENS) under SP=2 against SP=1 packed: every family at
+# ZeRO-2, and the hybrid with every mixer at ZeRO-3 too.
+PACKED = [*(f"{split}-2" for split in SPLITS if "-" not in split), "hybrid-every-mixer-2", "hybrid-every-mixer-3"]
+
+
+def reference(cfg, packed: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
     sys.path.insert(0, str(ROOT / "tests" / "train"))
     from sp_worker import fixed_batch
 
     torch.manual_seed(cfg.seed)
     model = CausalLM(cfg.model)
-    batch = fixed_batch(cfg.model.vocab_size)
-    loss = model(batch["input_ids"], labels=batch["labels"]).loss
+    batch = fixed_batch(cfg.model.vocab_size, packed=packed)
+    loss = model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch.get("cu_seqlens")).loss
     loss.backward()
     # An unused parameter (the first HGRN2 layer's lower bound) has no gradient here and zeros under DeepSpeed.
     return loss.item(), {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()}
 
 
 def run_sp(cases: dict[str, tuple], tmp: Path) -> dict[str, dict]:
-    """name -> (config, overrides): every case in one 2-rank SP=2 job (tests/train/sp_worker.py)."""
+    """name -> (config, overrides): every case in one 2-rank SP=2 job (tests/train/sp_worker.py); names
+    starting with 'packed-' run on packed documents."""
     common = ["parallel.sequence_parallel_size=2", "parallel.precision=fp32",
               "data.tokens_per_step=512"]  # one micro batch: gradients are reduced at once
-    jobs = [{"config": str(config), "overrides": [*common, *overrides], "out": str(tmp / f"{name}.pt")}
-            for name, (config, overrides) in cases.items()]
+    jobs = [{"config": str(config), "overrides": [*common, *overrides], "out": str(tmp / f"{name}.pt"),
+             "packed": name.startswith("packed-")} for name, (config, overrides) in cases.items()]
     (tmp / "cases.json").write_text(json.dumps(jobs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "--master_addr", "127.0.0.1", str(ROOT / "tests" / "train" / "sp_worker.py"),
@@ -78,15 +84,24 @@ def case(split: str, zero_stage: int) -> tuple[Path, list[str]]:
 def sp_results(tmp_path_factory) -> dict[str, dict]:
     """Every split at ZeRO-2 and ZeRO-3, in one job."""
     cases = {f"{split}-{stage}": case(split, stage) for stage in (2, 3) for split in SPLITS}
+    cases |= {f"packed-{name}": case(name[:-2], int(name[-1])) for name in PACKED}
     return run_sp(cases, tmp_path_factory.mktemp("sp"))
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 @pytest.mark.parametrize("split", SPLITS)
 def test_sp2_matches_the_unsplit_model(split, zero_stage, sp_results):
+    assert_matches_unsplit(split, zero_stage, sp_results[f"{split}-{zero_stage}"], packed=False)
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_sp2_on_packed_documents_matches_the_unsplit_model(name, sp_results):
+    assert_matches_unsplit(name[:-2], int(name[-1]), sp_results[f"packed-{name}"], packed=True)
+
+
+def assert_matches_unsplit(split: str, zero_stage: int, result: dict, packed: bool) -> None:
     config, overrides = case(split, zero_stage)
-    result = sp_results[f"{split}-{zero_stage}"]
-    loss, grads = reference(load_config(config, ["parallel.precision=fp32", *overrides]))
+    loss, grads = reference(load_config(config, ["parallel.precision=fp32", *overrides]), packed)
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
     assert result["grads"].keys() == grads.keys()
     for name, grad in grads.items():

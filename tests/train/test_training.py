@@ -175,11 +175,8 @@ def test_in_training_eval_needs_held_out_documents():
         load_config(TINY / "transformer.yaml", ["eval.every=10", "data.holdout_fraction=0"])
 
 
-def test_separate_documents_under_sequence_parallelism_and_the_old_name_are_clear_errors():
+def test_the_old_name_of_separate_documents_is_a_clear_error():
     from train.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="sequence parallelism"):
-        load_config(TINY / "mamba2.yaml", ["data.mode=concat", "data.separate_documents=true",
-                                           "parallel.sequence_parallel_size=2"], world_size=2)
     with pytest.raises(ConfigError, match="now data.separate_documents"):
         load_config(TINY / "mamba2.yaml", ["data.mode=concat", "data.reset_at_doc_boundary=true"])
