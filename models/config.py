@@ -304,6 +304,8 @@ class ModelConfig(Section):
     init_std: float = Field(0.02, gt=0, description="Std of the normal init of linear and embedding weights.")
     max_seq_len: int = Field(2048, gt=0, description="Longest sequence the model is trained or evaluated on.")
     activation_checkpointing: bool = Field(False, description="Recompute each block in the backward pass.")
+    loss_chunk_tokens: int = Field(1024, gt=0, description="Tokens per chunk of the LM head + loss in training "
+                                   "(models/chunked_loss.py; memory only: at most (chunk, vocab) fp32 logits live).")
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     mlstm: MLSTMConfig = Field(default_factory=MLSTMConfig)
     mamba: MambaConfig = Field(default_factory=MambaConfig)

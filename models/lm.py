@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.block import Block
+from models.chunked_loss import LMHead
 from models.config import ModelConfig
 from models.documents import Documents
 from models.flops import TRAINING_FACTOR, linear
@@ -20,7 +21,7 @@ from models.norms import RMSNorm
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when a training forward asked for the loss only
     state: list | None  # one recurrent state (or KV cache) per layer; None when not asked for. A packed
     # prefill (cu_seqlens with return_state) gives one such list per document, in cu_seqlens order.
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100 (+ aux_loss)
@@ -40,7 +41,7 @@ class CausalLM(nn.Module):
             if hasattr(block.mixer, "link_layers"):
                 block.mixer.link_layers([b.mixer for b in self.blocks])
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         if init:
@@ -79,6 +80,7 @@ class CausalLM(nn.Module):
         return_state: bool = False,
         cu_seqlens: torch.Tensor | None = None,
         row_length: int | None = None,
+        return_logits: bool = True,
     ) -> LMOutput:
         """input_ids, labels: (B, T). `state` continues from an earlier call (prefill in pieces).
 
@@ -87,7 +89,10 @@ class CausalLM(nn.Module):
         another document. Checked here, before any kernel sees it. row_length: the length of the rows
         cu_seqlens is over, when input_ids holds one sequence-parallel rank's contiguous slice of each row
         (the mixers see whole rows between their all-to-alls); None = T. With return_state, a packed prefill:
-        `state` is each document's decoding state (decode each with `step` at batch size 1)."""
+        `state` is each document's decoding state (decode each with `step` at batch size 1).
+
+        return_logits=False (training, with labels): the LM head and the loss run chunk by chunk
+        (models/chunked_loss.py), so no (B, T, V) logits exist; `logits` is None."""
         docs = None
         if cu_seqlens is not None:
             if state is not None:
@@ -106,8 +111,12 @@ class CausalLM(nn.Module):
             else:
                 x, layer_state = block(x, layer_state, docs)
             new_state.append(layer_state)
-        logits = self._logits(x)
-        loss = None if labels is None else lm_loss(logits, labels)
+        if labels is not None and not return_logits:
+            logits = None
+            loss = self.lm_head(self.norm(x), labels, self.cfg.loss_chunk_tokens, self.cfg.logits_soft_cap)
+        else:
+            logits = self._logits(x)
+            loss = None if labels is None else lm_loss(logits, labels)
         # Mixers with an auxiliary loss (MoM's router load balancing) set `aux_loss` in their forward.
         aux = [b.mixer.aux_loss for b in self.blocks if getattr(b.mixer, "aux_loss", None) is not None]
         aux_loss = torch.stack(aux).sum() if aux else None

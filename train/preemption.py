@@ -3,14 +3,13 @@
 Slurm sends SIGUSR1 ahead of the time limit (`#SBATCH --signal=USR1@120` in launch/slurm/pretrain.sbatch)
 and SIGTERM on preemption or `scancel`. The handler only sets a flag: a checkpoint is a collective, so it
 cannot be written from inside a signal handler, and the signal may reach the ranks at different moments.
-`should_stop()` all-reduces the flag (MAX) after every optimizer step, so every rank stops after the same
-step. The trainer then saves a checkpoint and `exit()` ends the process with PREEMPTED_EXIT_CODE, which
+The trainer all-reduces the flag (MAX) once per optimizer step, in the same collective as its non-finite
+check (train/trainer.py train_step), so every rank stops after the same step. The trainer then saves a checkpoint and `exit()` ends the process with PREEMPTED_EXIT_CODE, which
 the sbatch script answers with `scontrol requeue`; the requeued job continues with `--resume auto`.
 """
 
 import signal
 
-import torch
 import torch.distributed as dist
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure; the user is invited to retry". Any other non-zero code
@@ -20,7 +19,7 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class Preemption:
-    """Installs the stop-signal handlers (main thread only); ask `should_stop()` once per step on every rank."""
+    """Installs the stop-signal handlers (main thread only); `requested()` is this rank's flag."""
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
         self.received: signal.Signals | None = None
@@ -31,11 +30,9 @@ class Preemption:
     def _handle(self, signum: int, frame) -> None:
         self.received = signal.Signals(signum)
 
-    def should_stop(self, device) -> bool:
-        """Collective: True on every rank once any rank has received a stop signal."""
-        flag = torch.tensor([0.0 if self.received is None else 1.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+    def requested(self) -> bool:
+        """Whether this rank has received a stop signal (the trainer agrees on it over every rank)."""
+        return self.received is not None
 
     def exit(self, step: int) -> None:
         """Call after the checkpoint of `step` is complete: ends this rank with PREEMPTED_EXIT_CODE."""

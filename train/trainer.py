@@ -44,17 +44,16 @@ class TrainEngine:
     n_params: int
 
 
-def _all_ranks_finite(loss: torch.Tensor) -> bool:
-    # Every rank must take the same decision, or the ranks' collectives fall out of step.
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() == 0
-
-
-def _mean_over_ranks(value: float, device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+def _logged_values(result: "StepResult", grad_norm) -> dict:
+    """A log step's loss and auxiliary loss (means over every rank) and the global gradient norm, read back to
+    the host together: the log step's one extra host sync."""
+    means = torch.stack([result.loss, result.aux_loss]).to(torch.float64)
+    dist.all_reduce(means)
+    values = means / dist.get_world_size()
+    if isinstance(grad_norm, torch.Tensor):  # DeepSpeed's norm, the same on every rank
+        values = torch.cat([values, grad_norm.detach().to(values)[None]])
+    loss, aux, *norm = values.tolist()
+    return {"loss": loss, "aux_loss": aux, "grad_norm": norm[0] if norm else grad_norm}
 
 
 @dataclass
@@ -122,29 +121,53 @@ def forward(engine, micro_batch: dict[str, torch.Tensor], par: Parallel) -> LMOu
         micro_batch = sequence_parallel.shard_sequence(micro_batch, par.sp_rank, par.sp_size)
     ids, labels = (micro_batch[k].to(engine.device) for k in ("input_ids", "labels"))
     # Packed documents (data.separate_documents): the boundaries stay on the host, where they are checked.
-    return engine(ids, labels=labels, cu_seqlens=micro_batch.get("cu_seqlens"), row_length=row_length)
+    return engine(ids, labels=labels, cu_seqlens=micro_batch.get("cu_seqlens"), row_length=row_length,
+                  return_logits=False)
 
 
-def train_step(run: TrainEngine, micro_batches: list[dict], par: Parallel, lr: float) -> tuple[float, float, bool]:
-    """One optimizer step over this rank's micro batches: (mean loss, mean auxiliary loss, finite).
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's mean loss over its micro batches, on the device (synced at log steps only)
+    aux_loss: torch.Tensor  # the same for the auxiliary losses (0 without any)
+    finite: bool  # every rank's every micro batch had a finite loss (else the update was skipped)
+    stop: bool  # some rank has received a stop signal (train/preemption.py)
 
-    A step whose loss is NaN or inf in any micro batch on any rank is skipped on every rank: the remaining
-    backward passes run on zero losses (ZeRO's hooks expect one per micro batch) and the optimizer's update
-    does nothing, so weights, moments and the step count stay exactly as they were."""
+
+def train_step(run: TrainEngine, micro_batches: list[dict], par: Parallel, lr: float,
+               stop_requested=lambda: False) -> StepResult:
+    """One optimizer step over this rank's micro batches, with one host sync: before the last micro batch's
+    backward, one all-reduce (MAX) of [any non-finite loss here, stop_requested() on this rank] and its
+    read-back.
+    Losses stay on the device (torchtitan and nanoGPT do the same), so the GPU queue never drains mid-step.
+
+    A step whose loss is NaN or inf in any micro batch on any rank is skipped on every rank: the optimizer's
+    update does nothing (AdamW's skip_update, read by the last micro batch's engine.step()), so weights,
+    moments and the step count stay exactly as they were; every micro batch's backward still runs (ZeRO's
+    hooks expect one per micro batch), and its non-finite gradients are dropped with the update."""
     engine = run.engine
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum, aux_sum, finite = 0.0, 0.0, True
-    for mb in micro_batches:
+    device = engine.device
+    loss_sum = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)
+    bad = torch.zeros((), device=device)
+    finite, stop = True, False
+    for i, mb in enumerate(micro_batches):
         out = forward(engine, mb, par)
-        aux_sum += 0.0 if out.aux_loss is None else out.aux_loss.item()
-        finite = finite and _all_ranks_finite(out.loss)  # every rank takes the same decision
-        loss_sum += out.loss.item()
-        run.optimizer.skip_update = not finite  # read by the last micro batch's engine.step()
-        engine.backward(out.loss * par.loss_scale if finite else out.loss * 0.0)
+        loss = out.loss.detach().float()
+        loss_sum += loss
+        aux_sum += 0.0 if out.aux_loss is None else out.aux_loss.detach().float()
+        bad = torch.maximum(bad, (~torch.isfinite(loss)).float())
+        if i == len(micro_batches) - 1:  # the decision, before the step the last backward triggers
+            flags = torch.stack([bad, torch.tensor(float(stop_requested()), device=device)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank takes the same decisions
+            any_bad, any_stop = flags.tolist()
+            finite, stop = any_bad == 0, any_stop > 0
+            run.optimizer.skip_update = not finite
+        engine.backward(out.loss * par.loss_scale)
         engine.step()
     run.optimizer.skip_update = False
-    return loss_sum / len(micro_batches), aux_sum / len(micro_batches), finite
+    return StepResult(loss_sum / len(micro_batches), aux_sum / len(micro_batches), finite, stop)
 
 
 def pretrain(cfg: RunConfig, resume: str | None = None) -> list[dict]:
@@ -201,7 +224,8 @@ def _train(cfg: RunConfig, par: Parallel, resume: str | None, preemption: Preemp
             lr = lr_at(state["step"], cfg.optim.lr, cfg.schedule)
             micro_batches = batches.next_step()
             seq_len = micro_batches[0]["input_ids"].shape[1]
-            loss, aux_loss, finite = train_step(run, micro_batches, par, lr)
+            result = train_step(run, micro_batches, par, lr, stop_requested=preemption.requested)
+            finite = result.finite
             if finite:
                 state["step"] += 1
                 state["tokens_seen"] += cfg.data.tokens_per_step
@@ -216,13 +240,12 @@ def _train(cfg: RunConfig, par: Parallel, resume: str | None, preemption: Preemp
                 records.append(metrics.log_other(state["step"], {"skipped_steps": state["skipped_steps"]}))
             step = state["step"]
             if finite and (step % cfg.logging.every == 0 or step == cfg.schedule.steps):
-                grad_norm = engine.get_global_grad_norm()
+                # aux_loss: auxiliary losses (MoM's load balancing), included in `loss`; 0 for families without one.
+                values = _logged_values(result, engine.get_global_grad_norm())
                 records.append(metrics.log(step, {
-                    "loss": _mean_over_ranks(loss, engine.device), "lr": lr,
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "loss": values["loss"], "lr": lr, "grad_norm": values["grad_norm"],
                     "tokens_seen": state["tokens_seen"], "skipped_steps": state["skipped_steps"], "seq_len": seq_len,
-                    # Auxiliary losses (MoM's load balancing), included in `loss`; 0 for families without one.
-                    "aux_loss": _mean_over_ranks(aux_loss, engine.device),
+                    "aux_loss": values["aux_loss"],
                 }))
             if finite and cfg.eval.every and step % cfg.eval.every == 0:
                 # Every rank runs it on whole sequences (unsplit under SP): identical work keeps ZeRO-3's
@@ -235,8 +258,8 @@ def _train(cfg: RunConfig, par: Parallel, resume: str | None, preemption: Preemp
                     f"loss was NaN/inf for {state['nonfinite_in_row']} steps in a row (at step {step + 1}); lower "
                     "optim.lr, check the data, or raise optim.max_nonfinite_steps"
                 )
-            # Collective: every rank stops after the same step, whichever rank got the signal.
-            stop = preemption.should_stop(engine.device) and step < cfg.schedule.steps
+            # Every rank stops after the same step, whichever rank got the signal (train_step's all-reduce).
+            stop = result.stop and step < cfg.schedule.steps
             if finite and (step % cfg.checkpoint.every == 0 or step == cfg.schedule.steps) or stop:
                 checkpoint.save(engine, run.recorder, cfg.checkpoint_dir, step,
                                 {**state, "data": batches.state_dict()}, model_config, cfg.checkpoint.keep_last)

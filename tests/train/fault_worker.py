@@ -8,7 +8,12 @@ environment variable; without any, this is launch/pretrain.py.
 - FAULT_DROP_BATCH=iteration: that iteration's batch is dropped before training sees it (a run in which
   that batch never came);
 - FAULT_FINGERPRINT=path: after every iteration each rank appends the crc32 of its optimizer's parameters
-  and state (fp32 partitions under ZeRO) to path.rank<r>.jsonl.
+  and state (fp32 partitions under ZeRO) to path.rank<r>.jsonl;
+- COUNT_HOST_SYNCS=path: each rank counts the calls that read a tensor back to the host (Tensor.item,
+  tolist, bool, float, int) made directly by this project's code (train/, models/, kernels/, data/, eval/;
+  not DeepSpeed's or PyTorch's), per training-loop iteration (from one train_step call to the next, so an
+  iteration's logging counts with it), and appends {"step": the step before it, "syncs": n} lines to
+  path.rank<r>.jsonl. On a GPU each such read drains the queue.
 """
 
 import errno
@@ -78,8 +83,8 @@ if out := os.environ.get("FAULT_FINGERPRINT"):
 
     real_step = trainer.train_step
 
-    def fingerprinted_step(run, *args):
-        result = real_step(run, *args)
+    def fingerprinted_step(run, *args, **kwargs):
+        result = real_step(run, *args, **kwargs)
         crc = 0
         for group in run.optimizer.param_groups:
             for p in group["params"]:
@@ -88,10 +93,40 @@ if out := os.environ.get("FAULT_FINGERPRINT"):
                     if t is not None:
                         crc = zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes(), crc)
         with open(f"{out}.rank{dist.get_rank()}.jsonl", "a") as f:
-            f.write(json.dumps({"finite": result[2], "crc32": crc}) + "\n")
+            f.write(json.dumps({"finite": result.finite, "crc32": crc}) + "\n")
         return result
 
     trainer.train_step = fingerprinted_step
+
+if sync_log := os.environ.get("COUNT_HOST_SYNCS"):
+    import torch
+    import torch.distributed as dist
+
+    project = [str(Path(__file__).resolve().parents[2] / d) for d in ("train", "models", "kernels", "data", "eval")]
+    syncs = [0]
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read_back(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(tuple(project)):
+                syncs[0] += 1
+            return real(self, *args, **kwargs)
+        return read_back
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        setattr(torch.Tensor, name, counted(name))
+    counting_step, steps = trainer.train_step, [0]
+
+    def counted_step(run, *args, **kwargs):
+        if steps[0]:  # the iteration before this call ended here
+            with open(f"{sync_log}.rank{dist.get_rank()}.jsonl", "a") as f:
+                f.write(json.dumps({"step": steps[0], "syncs": syncs[0]}) + "\n")
+        syncs[0] = 0
+        steps[0] += 1
+        return counting_step(run, *args, **kwargs)
+
+    trainer.train_step = counted_step
 
 if __name__ == "__main__":
     sys.exit(pretrain.main())

@@ -9,7 +9,7 @@ import time
 
 import psutil
 import pytest
-from harness import ROOT, TINY, ZERO3_PARTITION_ALL, job_env, launch_command
+from harness import FAULT_WORKER, ROOT, TINY, ZERO3_PARTITION_ALL, job_env, launch_command
 
 pytestmark = pytest.mark.slow
 FP32 = ["parallel.precision=fp32"]
@@ -180,3 +180,19 @@ def test_the_old_name_of_separate_documents_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="now data.separate_documents"):
         load_config(TINY / "mamba2.yaml", ["data.mode=concat", "data.reset_at_doc_boundary=true"])
+
+
+@pytest.mark.parametrize("family", ["xlstm", "transformer"])
+def test_a_training_step_reads_a_tensor_back_to_the_host_once(family, train, tmp_path):
+    """The loop keeps losses and the non-finite flag on the device: per step one read-back (the skip and
+    stop decision), plus one at a log step (the loss and auxiliary-loss means and the gradient norm), counted by
+    tests/train/fault_worker.py COUNT_HOST_SYNCS in this project's code, on 2 ranks with 2 micro batches."""
+    out = tmp_path / "syncs"
+    train(TINY / f"{family}.yaml", "schedule.steps=7", "schedule.warmup_steps=1", "logging.every=3",
+          "checkpoint.every=100", "data.tokens_per_step=2048", "data.micro_batch_size=4", launcher="torchrun",
+          entry=FAULT_WORKER, env={"COUNT_HOST_SYNCS": str(out)})
+    for rank in (0, 1):
+        lines = (tmp_path / f"syncs.rank{rank}.jsonl").read_text().splitlines()
+        counts = {r["step"]: r["syncs"] for r in map(json.loads, lines)}
+        assert sorted(counts) == [1, 2, 3, 4, 5, 6]
+        assert counts == {s: 2 if s % 3 == 0 else 1 for s in counts}, counts
