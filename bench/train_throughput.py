@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(config: str, stage: int, steps: int, shards: str, out: Path, port: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    overrides = [f"run_dir={out}", f"data.shards_dir={shards}", f"parallel.zero_stage={stage}",
+    # ZeRO-3 with every parameter partitioned: DeepSpeed's persistence threshold would keep the tiny model's
+    # parameters whole, which measures nearly ZeRO-0.
+    partition_all = ["deepspeed.zero_optimization.stage3_param_persistence_threshold=0"] if stage == 3 else []
+    overrides = [*partition_all, f"run_dir={out}", f"data.shards_dir={shards}", f"parallel.zero_stage={stage}",
                  f"schedule.steps={steps}", "logging.every=10", "logging.wandb=disabled",
                  "logging.progress_bar=false", f"checkpoint.every={steps * 10}"]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
