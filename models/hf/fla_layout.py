@@ -1,10 +1,29 @@
-"""The state_dict layout flash-linear-attention's models share (MoM, Gated DeltaNet): our keys <-> fla's.
+"""What flash-linear-attention's models share (HGRN2, MoM, Gated DeltaNet): the model-level config fields
+and the state_dict layout, our keys <-> fla's.
 
 fla's blocks are `model.layers.{i}` with `attn_norm`, `attn` (the token mixer, whatever its kind), `mlp_norm`
 and a GatedMLP `mlp`; our mixers keep fla's parameter names, so every tensor maps one to one, unchanged.
 """
 
 import torch
+
+from models.config import ModelConfig
+
+
+def fla_model_fields(cfg: ModelConfig, architecture: str) -> dict:
+    """The config fields every fla causal LM has, from ours (fla's fused GPU kernels on, its defaults); raises
+    ValueError naming the fix where fla's blocks cannot hold the model (they always have an MLP, no cap)."""
+    family = architecture.removesuffix("ForCausalLM")
+    if not cfg.ffn_hidden_size or cfg.logits_soft_cap is not None:
+        raise ValueError(f"fla's {family} blocks always have an MLP and no logit soft cap: set model.ffn_hidden "
+                         "to a positive size (or null) and model.logits_soft_cap: null to export")
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, attn_mode="chunk",
+        hidden_ratio=4, intermediate_size=cfg.ffn_hidden_size, hidden_act="swish",
+        max_position_embeddings=cfg.max_seq_len, norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std, fuse_norm=True, fuse_swiglu=True, fuse_cross_entropy=True,
+        architectures=[architecture], bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
 
 TOP_KEYS = {
     "embed.weight": "model.embeddings.weight",

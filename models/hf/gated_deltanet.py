@@ -16,7 +16,7 @@ import torch
 from transformers import PretrainedConfig
 
 from models.config import GatedDeltaNetConfig, ModelConfig
-from models.hf.fla_layout import fla_mlp_hidden, from_fla, to_fla
+from models.hf.fla_layout import fla_mlp_hidden, fla_model_fields, from_fla, to_fla
 
 MODEL_TYPE = "gated_deltanet"
 HYBRID_WITH_ATTENTION = True  # models/hf/export.py: G layers mixed with A layers export here too
@@ -34,9 +34,6 @@ def to_hf_config(cfg: ModelConfig) -> PretrainedConfig:
     if "gated_deltanet" not in mixers or not set(mixers) <= {"gated_deltanet", "attention"}:
         raise ValueError(f"fla's GatedDeltaNetForCausalLM has Gated DeltaNet layers and optionally attention "
                          f"layers (pattern letters G and A); this model has {sorted(set(mixers))}")
-    if not cfg.ffn_hidden_size or cfg.logits_soft_cap is not None:
-        raise ValueError("fla's Gated DeltaNet blocks always have an MLP and no logit soft cap: set "
-                         "model.ffn_hidden to a positive size (or null) and model.logits_soft_cap: null")
     g = cfg.gated_deltanet
     attention_layers = [i for i, name in enumerate(mixers) if name == "attention"]
     attn = None
@@ -46,10 +43,7 @@ def to_hf_config(cfg: ModelConfig) -> PretrainedConfig:
                 "rope_theta": cfg.attention.rope_theta}
     heads = g.n_heads or cfg.n_heads
     return _FlaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        num_hidden_layers=cfg.n_layers,
-        attn_mode="chunk",
+        **fla_model_fields(cfg, "GatedDeltaNetForCausalLM"),
         num_heads=heads,
         num_v_heads=None if (g.n_v_heads or heads) == heads else g.n_v_heads,
         head_dim=g.head_dim,
@@ -60,20 +54,6 @@ def to_hf_config(cfg: ModelConfig) -> PretrainedConfig:
         conv_size=g.conv_size,
         output_gate_activation="swish",
         attn=attn,
-        hidden_ratio=4,
-        intermediate_size=cfg.ffn_hidden_size,
-        hidden_act="swish",
-        max_position_embeddings=cfg.max_seq_len,
-        norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        initializer_range=cfg.init_std,
-        fuse_norm=True,
-        fuse_swiglu=True,
-        fuse_cross_entropy=True,
-        architectures=["GatedDeltaNetForCausalLM"],
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
     )
 
 

@@ -13,7 +13,7 @@ import torch
 from transformers import PretrainedConfig
 
 from models.config import HGRN2Config, ModelConfig
-from models.hf.fla_layout import fla_mlp_hidden
+from models.hf.fla_layout import fla_mlp_hidden, fla_model_fields
 
 MODEL_TYPE = "hgrn2"
 
@@ -46,37 +46,16 @@ def to_hf_config(cfg: ModelConfig) -> PretrainedConfig:
     """Our model config as fla's HGRN2Config fields (fla's fused GPU kernels on, its defaults)."""
     if set(cfg.layer_mixers()) != {"hgrn2"}:
         raise ValueError(f"fla's HGRN2ForCausalLM has HGRN2 layers only; this model has {cfg.layer_mixers()}")
-    if not cfg.ffn_hidden_size:
-        raise ValueError("fla's HGRN2 blocks always have an MLP; model.ffn_hidden=0 cannot be exported")
-    if cfg.logits_soft_cap is not None:
-        raise ValueError("fla's HGRN2 has no logit soft cap; set model.logits_soft_cap: null")
     if cfg.hgrn2.output_norm_eps != 1e-5:
         raise ValueError("fla's HGRN2 output norm uses eps 1e-5 (rms_norm_linear's default); set "
                          f"hgrn2.output_norm_eps: 1.0e-5, got {cfg.hgrn2.output_norm_eps}")
     return _FlaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        num_hidden_layers=cfg.n_layers,
-        attn_mode="chunk",
+        **fla_model_fields(cfg, "HGRN2ForCausalLM"),
         num_heads=cfg.n_heads,
         expand_ratio=cfg.hgrn2.expand_ratio,
         use_short_conv=False,
         use_lower_bound=cfg.hgrn2.use_lower_bound,
-        hidden_ratio=4,
-        intermediate_size=cfg.ffn_hidden_size,
-        hidden_act="swish",
-        max_position_embeddings=cfg.max_seq_len,
         elementwise_affine=True,
-        norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        initializer_range=cfg.init_std,
-        fuse_norm=True,
-        fuse_swiglu=True,
-        fuse_cross_entropy=True,
-        architectures=["HGRN2ForCausalLM"],
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
     )
 
 

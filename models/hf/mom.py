@@ -14,7 +14,7 @@ import torch
 from transformers import PretrainedConfig
 
 from models.config import ModelConfig, MoMConfig
-from models.hf.fla_layout import fla_mlp_hidden, from_fla, to_fla
+from models.hf.fla_layout import fla_mlp_hidden, fla_model_fields, from_fla, to_fla
 
 MODEL_TYPE = "mom"
 
@@ -32,27 +32,14 @@ def to_hf_config(cfg: ModelConfig) -> PretrainedConfig:
     if m.backend != "gated_delta_rule" or m.capacity_factor is not None:
         raise ValueError("fla's MoM has gated-delta-rule memories and no capacity limit: set "
                          "mom.backend: gated_delta_rule and mom.capacity_factor: null to export")
-    if not cfg.ffn_hidden_size or cfg.logits_soft_cap is not None:
-        raise ValueError("fla's MoM blocks always have an MLP and no logit soft cap: set model.ffn_hidden "
-                         "to a positive size (or null) and model.logits_soft_cap: null")
     return _FlaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        num_hidden_layers=cfg.n_layers,
-        attn_mode="chunk",
+        **fla_model_fields(cfg, "MomForCausalLM"),
         num_heads=cfg.n_heads,
         head_dim=m.head_dim,
         expand_v=m.expand_v,
         conv_size=m.conv_size,
         use_output_gate=m.use_output_gate,
         use_short_conv=True,
-        hidden_ratio=4,
-        intermediate_size=cfg.ffn_hidden_size,
-        hidden_act="swish",
-        max_position_embeddings=cfg.max_seq_len,
-        norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        initializer_range=cfg.init_std,
         num_memories=m.num_memories,
         topk=m.top_k,
         capacity=1.0,
@@ -61,13 +48,6 @@ def to_hf_config(cfg: ModelConfig) -> PretrainedConfig:
         shared_mem=m.shared_memory,
         single_kv_proj=False,
         mom_backend="gated_deltanet",
-        fuse_norm=True,
-        fuse_swiglu=True,
-        fuse_cross_entropy=True,
-        architectures=["MomForCausalLM"],
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
     )
 
 

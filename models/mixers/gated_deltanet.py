@@ -21,7 +21,6 @@ State: `GDNState`, the (B, n_v_heads, head_dim, value width) fp32 state and each
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,7 @@ from kernels.delta_rule.dispatch import TRITON_CHUNK
 from models.config import ModelConfig
 from models.documents import per_document
 from models.flops import chunk_width, linear
-from models.mixers.mamba import ShortConv
+from models.mixers.mamba import ShortConv, softplus_inverse_dt
 
 
 @dataclass
@@ -83,9 +82,7 @@ class GatedDeltaNetMixer(nn.Module):
         """fla's GatedDeltaNet init: A uniform in (0, 16), dt log-uniform in [1e-3, 0.1] (inverse softplus),
         the convolutions normal with the linears' std."""
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).log())
-        dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        dt = dt.clamp_min(1e-4)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias.copy_(softplus_inverse_dt(self.n_v_heads, 1e-3, 0.1, 1e-4, self.dt_bias.device))
         for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
             nn.init.normal_(conv.weight, std=self.init_std)
         nn.init.ones_(self.o_norm.weight)

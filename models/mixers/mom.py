@@ -42,6 +42,7 @@ from kernels.gla.dispatch import TRITON_CHUNK as GLA_CHUNK
 from models.config import ModelConfig
 from models.documents import per_document
 from models.flops import chunk_width, linear
+from models.mixers.mamba import softplus_inverse_dt
 
 
 @dataclass
@@ -113,9 +114,7 @@ class MoMMixer(nn.Module):
         nn.init.ones_(self.o_norm.weight)
         if self.backend == "gated_delta_rule":
             self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
-            dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-            dt = dt.clamp_min(1e-4)
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            self.dt_bias.copy_(softplus_inverse_dt(self.n_heads, 1e-3, 0.1, 1e-4, self.dt_bias.device))
 
     @property
     def kernel_ops(self) -> tuple[str, ...]:

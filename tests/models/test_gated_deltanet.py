@@ -30,6 +30,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
+from fla_cpu import patch_norms_and_mlp  # noqa: E402
 from harness import ROOT, TINY, assert_step_and_prefill_equal_forward, job_env, rel_err  # noqa: E402
 
 from kernels import backend  # noqa: E402
@@ -86,21 +87,8 @@ def fla_cpu(monkeypatch):
     pytest.importorskip("fla", reason="flash-linear-attention not installed")
     import fla.layers.attn as fla_attn
     import fla.layers.gated_deltanet as fla_gdn
-    import fla.modules.mlp as fla_mlp
-    from fla.modules import FusedRMSNormGated, RMSNorm, RotaryEmbedding, ShortConvolution
+    from fla.modules import RotaryEmbedding, ShortConvolution
     from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
-
-    def rms(x, weight, eps):
-        x32 = x.float()
-        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-
-    def rms_norm_forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
-        x = x if residual is None else x + residual
-        y = rms(x, self.weight, self.eps).to(x.dtype)
-        return (y, x) if prenorm else y
-
-    def gated_norm_forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
-        return (rms(x, self.weight, self.eps) * F.silu(g.float())).to(x.dtype)
 
     def conv(x, weight, bias=None, activation=None, **_):  # x (B, T, C), weight (C, W)
         y = F.conv1d(F.pad(x.transpose(1, 2), (weight.shape[-1] - 1, 0)), weight[:, None], bias, groups=x.shape[-1])
@@ -142,15 +130,13 @@ def fla_cpu(monkeypatch):
             return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
         return rotate(q), rotate(k)
 
-    monkeypatch.setattr(RMSNorm, "forward", rms_norm_forward)
-    monkeypatch.setattr(FusedRMSNormGated, "forward", gated_norm_forward)
+    patch_norms_and_mlp(monkeypatch)
     monkeypatch.setattr(ShortConvolution, "forward", short_conv_forward)
     monkeypatch.setattr(fla_gdn, "causal_conv1d", conv)
     monkeypatch.setattr(fla_gdn, "chunk_gated_delta_rule", gated_delta_rule)
     monkeypatch.setattr(fla_gdn, "fused_recurrent_gated_delta_rule", gated_delta_rule)
     monkeypatch.setattr(fla_attn, "flash_attn_func", flash_attn_func)
     monkeypatch.setattr(RotaryEmbedding, "forward", rotary_forward)
-    monkeypatch.setattr(fla_mlp, "swiglu", lambda gate, up: F.silu(gate) * up)
 
 
 def fla_model_from(model: CausalLM):

@@ -20,6 +20,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from fla_cpu import patch_norms_and_mlp  # noqa: E402
 from harness import assert_step_and_prefill_equal_forward, rel_err  # noqa: E402
 
 from models.config import ModelConfig  # noqa: E402
@@ -95,21 +96,8 @@ def fla_cpu(monkeypatch):
     """fla importable and runnable on the CPU (see the module docstring)."""
     pytest.importorskip("fla", reason="flash-linear-attention not installed")
     import fla.layers.mom as fla_mom
-    import fla.modules.mlp as fla_mlp
-    from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
+    from fla.modules import ShortConvolution
     from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
-
-    def rms(x, weight, eps):
-        x32 = x.float()
-        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-
-    def rms_norm_forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
-        x = x if residual is None else x + residual
-        y = rms(x, self.weight, self.eps).to(x.dtype)
-        return (y, x) if prenorm else y
-
-    def gated_norm_forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
-        return (rms(x, self.weight, self.eps) * F.silu(g.float())).to(x.dtype)
 
     def segments(x, cu_seqlens):
         bounds = [0, x.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
@@ -132,12 +120,10 @@ def fla_cpu(monkeypatch):
                 for a, b in segments(q, cu_seqlens)]
         return torch.cat(outs, 1), None
 
-    monkeypatch.setattr(RMSNorm, "forward", rms_norm_forward)
-    monkeypatch.setattr(FusedRMSNormGated, "forward", gated_norm_forward)
+    patch_norms_and_mlp(monkeypatch)
     monkeypatch.setattr(ShortConvolution, "forward", short_conv_forward)
     monkeypatch.setattr(fla_mom, "fused_recurrent_gated_delta_rule", gated_delta_rule)
     monkeypatch.setattr(fla_mom, "chunk_gated_delta_rule", gated_delta_rule)
-    monkeypatch.setattr(fla_mlp, "swiglu", lambda gate, up: F.silu(gate) * up)
     # fla's `transform` orders tokens by (batch, memory) with an unstable argsort; CPU sorting then
     # shuffles tokens inside a memory out of time order (CUDA's radix sort is stable). Make it stable.
     argsort = torch.argsort
