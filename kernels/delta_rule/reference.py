@@ -80,6 +80,9 @@ def delta_rule_recurrent(q, k, v, g, beta, scale: float | None = None, initial_s
     return torch.stack(outs, dim=1), state
 
 
+CHUNK_BLOCK = 8  # chunks whose WY pieces are built together (speed only)
+
+
 def delta_rule_chunk(q, k, v, g, beta, scale: float | None = None, initial_state=None, chunk_size: int = 64):
     """Chunkwise (WY) gated delta rule, differentiable. Shapes and math in the module docstring."""
     check_inputs(q, k, v, g, beta, initial_state)
@@ -94,24 +97,26 @@ def delta_rule_chunk(q, k, v, g, beta, scale: float | None = None, initial_state
     q, k, v = (x.reshape(B, H, -1, L, x.shape[-1]) for x in (q, k, v))
     g, beta = (x.reshape(B, H, -1, L) for x in (g, beta))
     q = q * scale
-    gamma = g.cumsum(-1)  # (B, H, NC, L)
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    decay = torch.where(causal, gamma[..., :, None] - gamma[..., None, :], -torch.inf).exp()  # Gamma
-
-    # WY representation of every chunk at once; the triangular solve is exact forward substitution.
-    m = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)  # (B, H, NC, L, L)
-    eye = torch.eye(L, device=q.device).expand_as(m)
-    t_inv = torch.linalg.solve_triangular(eye + m, eye, upper=False, unitriangular=True)
-    w = t_inv @ (k * (beta * gamma.exp())[..., None])  # (B, H, NC, L, K)
-    u = t_inv @ (v * beta[..., None])  # (B, H, NC, L, V)
-    attn = (q @ k.transpose(-1, -2)) * decay  # (B, H, NC, L, L), zero above the diagonal
-    k_dec = k * (gamma[..., -1:] - gamma).exp()[..., None]  # weight of token s in the next state
-
+    eye = torch.eye(L, device=q.device)
     state = zero_state(B, H, K, V, q.device) if initial_state is None else initial_state.float()
     outs = []
-    for c in range(q.shape[2]):
-        v_new = u[:, :, c] - w[:, :, c] @ state  # (B, H, L, V)
-        outs.append((q[:, :, c] * gamma[:, :, c, :, None].exp()) @ state + attn[:, :, c] @ v_new)
-        state = gamma[:, :, c, -1, None, None].exp() * state + k_dec[:, :, c].transpose(-1, -2) @ v_new
+    # The WY pieces of CHUNK_BLOCK chunks at a time, then their state walk: a block's (L, L) intermediates stay
+    # in cache (all chunks at once made time per token at T=4096 twice that at T=512 on the CPU).
+    for b0 in range(0, q.shape[2], CHUNK_BLOCK):
+        qb, kb, vb, gb, betab = (x[:, :, b0:b0 + CHUNK_BLOCK] for x in (q, k, v, g, beta))
+        gamma = gb.cumsum(-1)  # (B, H, nb, L)
+        decay = torch.where(causal, gamma[..., :, None] - gamma[..., None, :], -torch.inf).exp()  # Gamma
+        # WY representation of the block's chunks; the triangular solve is exact forward substitution.
+        m = (betab[..., None] * (kb @ kb.transpose(-1, -2)) * decay).tril(-1)  # (B, H, nb, L, L)
+        t_inv = torch.linalg.solve_triangular(eye + m, eye.expand_as(m), upper=False, unitriangular=True)
+        w = t_inv @ (kb * (betab * gamma.exp())[..., None])  # (B, H, nb, L, K)
+        u = t_inv @ (vb * betab[..., None])  # (B, H, nb, L, V)
+        attn = (qb @ kb.transpose(-1, -2)) * decay  # (B, H, nb, L, L), zero above the diagonal
+        k_dec = kb * (gamma[..., -1:] - gamma).exp()[..., None]  # weight of token s in the next state
+        for c in range(qb.shape[2]):
+            v_new = u[:, :, c] - w[:, :, c] @ state  # (B, H, L, V)
+            outs.append((qb[:, :, c] * gamma[:, :, c, :, None].exp()) @ state + attn[:, :, c] @ v_new)
+            state = gamma[:, :, c, -1, None, None].exp() * state + k_dec[:, :, c].transpose(-1, -2) @ v_new
     o = torch.stack(outs, dim=2).reshape(B, H, -1, V)[:, :, :T].transpose(1, 2)
     return o.to(dtype), state
