@@ -41,10 +41,9 @@ def _family_for_mixers(mixers: list[str]) -> ModuleType:
     if importlib.import_module("models.hf.remote_code").needs_remote_code(mixers):
         return importlib.import_module("models.hf.remote_code")
     # A family whose class also holds attention layers (fla's `attn` field) takes its hybrids with them.
-    recurrent = names - {"attention"}
-    if len(recurrent) == 1 and next(iter(recurrent)) in FAMILIES:
-        module = importlib.import_module(FAMILIES[next(iter(recurrent))])
-        if getattr(module, "HYBRID_WITH_ATTENTION", False):
+    for family in names & FAMILIES.keys():
+        module = importlib.import_module(FAMILIES[family])
+        if names - getattr(module, "ATTENTION_MIXERS", frozenset()) == {family}:
             return module
     if len(names) != 1 or next(iter(names)) not in FAMILIES:
         raise ValueError(

@@ -1,10 +1,10 @@
 """Gated DeltaNet <-> flash-linear-attention's `GatedDeltaNetForCausalLM` (model_type "gated_deltanet").
 
 Owns the config map (ModelConfig <-> fla's GatedDeltaNetConfig fields) and the state_dict key map, both
-ways. A hybrid of Gated DeltaNet and attention layers (pattern letters G and A, e.g. the 3:1 'GGGA') is the
-same fla class: its `attn` field names the attention layers (`{layers: [...], num_heads, num_kv_heads,
-rope_theta}`), and fla's `Attention` has our attention mixer's q/k/v/o_proj and RoPE (rotate-half, the same
-inverse frequencies). Every tensor maps one to one, unchanged (models/hf/fla_layout.py). What fla's class
+ways. A hybrid of Gated DeltaNet with attention and sliding-window layers (pattern letters G, A and W, e.g.
+the 3:1 'GGGA', or Gated DeltaNet-H2's SWA layers) is the same fla class: its `attn` field names the attention
+layers (`{layers: [...], num_heads, num_kv_heads, window_size, rope_theta}`, one spec per kind), and fla's
+`Attention` has our attention mixer's q/k/v/o_proj and RoPE (rotate-half, the same inverse frequencies). Every tensor maps one to one, unchanged (models/hf/fla_layout.py). What fla's class
 cannot express is refused by name: other letters, a logit soft cap, blocks without an MLP.
 
 fla is not imported here (importing it re-registers transformers' mamba / mamba2 Auto classes): the
@@ -19,7 +19,6 @@ from models.config import GatedDeltaNetConfig, ModelConfig
 from models.hf.fla_layout import fla_mlp_hidden, fla_model_fields, from_fla, to_fla
 
 MODEL_TYPE = "gated_deltanet"
-HYBRID_WITH_ATTENTION = True  # models/hf/export.py: G layers mixed with A layers export here too
 
 
 class _FlaConfig(PretrainedConfig):
@@ -28,19 +27,26 @@ class _FlaConfig(PretrainedConfig):
     model_type = MODEL_TYPE
 
 
+# Attention mixers fla's `attn` specs express: mixer -> its window (None: full causal attention). G layers
+# mixed with these export here too (models/hf/export.py reads ATTENTION_MIXERS).
+WINDOWS = {"attention": lambda cfg: None, "sliding_window": lambda cfg: cfg.sliding_window.window}
+ATTENTION_MIXERS = frozenset(WINDOWS)
+
+
 def to_hf_config(cfg: ModelConfig) -> PretrainedConfig:
     """Our model config as fla's GatedDeltaNetConfig fields (fla's fused GPU kernels on, its defaults)."""
     mixers = cfg.layer_mixers()
-    if "gated_deltanet" not in mixers or not set(mixers) <= {"gated_deltanet", "attention"}:
+    if "gated_deltanet" not in mixers or not set(mixers) <= {"gated_deltanet", *WINDOWS}:
         raise ValueError(f"fla's GatedDeltaNetForCausalLM has Gated DeltaNet layers and optionally attention "
-                         f"layers (pattern letters G and A); this model has {sorted(set(mixers))}")
+                         f"and sliding-window layers (pattern letters G, A and W); this model has "
+                         f"{sorted(set(mixers))}")
     g = cfg.gated_deltanet
-    attention_layers = [i for i, name in enumerate(mixers) if name == "attention"]
-    attn = None
-    if attention_layers:
-        attn = {"layers": attention_layers, "num_heads": cfg.n_heads,
-                "num_kv_heads": cfg.attention.n_kv_heads or cfg.n_heads, "qkv_bias": False, "window_size": None,
-                "rope_theta": cfg.attention.rope_theta}
+    # One fla `attn` spec per kind of attention layer; a window of `window` positions is flash-attn's
+    # window_size=(window - 1, 0) in both.
+    specs = [{"layers": layers, "num_heads": cfg.n_heads, "num_kv_heads": cfg.attention.n_kv_heads or cfg.n_heads,
+              "qkv_bias": False, "window_size": window(cfg), "rope_theta": cfg.attention.rope_theta}
+             for name, window in WINDOWS.items() if (layers := [i for i, m in enumerate(mixers) if m == name])]
+    attn = None if not specs else specs[0] if len(specs) == 1 else specs
     heads = g.n_heads or cfg.n_heads
     return _FlaConfig(
         **fla_model_fields(cfg, "GatedDeltaNetForCausalLM"),
@@ -76,15 +82,25 @@ def from_hf_config(hf: PretrainedConfig) -> ModelConfig:
                          "counterpart here")
     attn = getattr(hf, "attn", None)
     specs = [] if attn is None else [attn] if isinstance(attn, dict) else list(attn)
-    if len(specs) > 1 or any(s.get("qkv_bias") or s.get("window_size") for s in specs):
-        raise ValueError("Gated DeltaNet hybrids map here with one kind of attention layer (no qkv bias, no "
-                         f"window); this checkpoint has attn={attn}")
-    layers = set(specs[0]["layers"]) if specs else set()
-    letters = ["A" if i in layers else "G" for i in range(hf.num_hidden_layers)]
+    full = [s for s in specs if not s.get("window_size")]
+    windowed = [s for s in specs if s.get("window_size")]
+    shared = {(s["num_heads"], s.get("num_kv_heads"), s.get("rope_theta", 10000.0)) for s in specs}
+    if len(full) > 1 or len(windowed) > 1 or len(shared) > 1 or any(s.get("qkv_bias") for s in specs):
+        raise ValueError("Gated DeltaNet hybrids map here with at most one full and one sliding-window attention "
+                         "spec sharing heads, KV heads and RoPE base, without qkv bias; this checkpoint has "
+                         f"attn={attn}")
+    letters = ["G"] * hf.num_hidden_layers
+    for spec in specs:
+        for i in spec["layers"]:
+            letters[i] = "W" if spec.get("window_size") else "A"
     heads = hf.num_heads
-    hybrid = dict(pattern=_pattern(letters), n_heads=specs[0]["num_heads"],
-                  attention=dict(n_kv_heads=specs[0].get("num_kv_heads"),
-                                 rope_theta=specs[0].get("rope_theta", 10000.0))) if specs else {}
+    hybrid = {}
+    if specs:
+        n_heads, n_kv_heads, rope_theta = shared.pop()
+        hybrid = dict(pattern=_pattern(letters), n_heads=n_heads,
+                      attention=dict(n_kv_heads=n_kv_heads, rope_theta=rope_theta))
+        if windowed:
+            hybrid["sliding_window"] = dict(window=windowed[0]["window_size"])
     return ModelConfig(
         vocab_size=hf.vocab_size,
         d_model=hf.hidden_size,

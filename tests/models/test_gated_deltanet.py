@@ -15,7 +15,8 @@ Triton entry points, where fla's layers look them up, for their PyTorch meaning:
   -> a causal depthwise F.conv1d + SiLU;
 - `FusedRMSNormGated.forward` -> RMSNorm(x) * weight * silu(g); `RMSNorm.forward` -> RMSNorm;
   `fla.modules.mlp.swiglu` -> silu(gate) * up;
-- attention layers: `fla.layers.attn.flash_attn_func` -> causal SDPA (GQA by repeating K/V), and
+- attention layers: `fla.layers.attn.flash_attn_func` -> causal SDPA (GQA by repeating K/V; flash-attn's
+  window_size=(w - 1, 0) as a band mask), and
   `RotaryEmbedding.forward` -> rotate-half RoPE with fla's inverse frequencies.
 fla is imported only inside the tests (importing it re-registers transformers' mamba Auto classes).
 """
@@ -45,6 +46,8 @@ VARIANTS = {  # name -> the model section
                                                            "use_output_gate": False}},
     "hybrid-3to1": yaml.safe_load((TINY / "hybrid_gdn.yaml").read_text())["model"],  # GGGA, GVA, 2 KV heads
 }
+# Gated DeltaNet-H2 style: sliding-window and full attention layers among the G layers (fla: two attn specs).
+VARIANTS["hybrid-swa"] = VARIANTS["hybrid-3to1"] | {"pattern": "GWGA", "sliding_window": {"window": 8}}
 UNFUSED = dict(fuse_norm=False, fuse_swiglu=False, fuse_cross_entropy=False)
 
 
@@ -113,10 +116,12 @@ def fla_cpu(monkeypatch):
         return naive_recurrent_gated_delta_rule(q, k, v, beta, g)[0].to(v.dtype), None
 
     def flash_attn_func(q, k, v, causal=True, window_size=(-1, -1), **_):  # (B, T, H, D)
-        assert causal and window_size == (-1, -1)
+        assert causal and window_size[1] in (-1, 0)
         groups = q.shape[2] // k.shape[2]
         k, v = (t.repeat_interleave(groups, 2) for t in (k, v))
-        o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+        i, j = torch.arange(q.shape[1])[:, None], torch.arange(k.shape[1])[None, :]
+        mask = (j <= i) & ((i - j <= window_size[0]) if window_size[0] >= 0 else True)  # flash-attn's window
+        o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask)
         return o.transpose(1, 2)
 
     def rotary_forward(self, q, k, seqlen_offset=0, cu_seqlens=None, max_seqlen=None, **_):
@@ -171,7 +176,7 @@ def test_logits_and_every_gradient_match_fla(fla_cpu, variant):
         assert rel_err(param.grad, fla_params[fla_name].grad) < 3e-5, fla_name
 
 
-@pytest.mark.parametrize("variant", ["gva", "hybrid-3to1"])
+@pytest.mark.parametrize("variant", ["gva", "hybrid-3to1", "hybrid-swa"])
 def test_export_round_trip_through_fla(fla_cpu, variant, tmp_path):
     import fla  # noqa: F401  registers GatedDeltaNetForCausalLM with the Auto classes
     from transformers import AutoModelForCausalLM
@@ -193,12 +198,13 @@ def test_export_round_trip_through_fla(fla_cpu, variant, tmp_path):
 
 def test_export_refuses_what_fla_lacks():
     from models.hf import export_hf
+    from models.hf import gated_deltanet as hf_gdn
 
     mixed = ModelConfig(**TINY_MODEL | {"pattern": "GGm", "n_layers": 3, "mamba2": {"headdim": 16, "d_state": 16}})
     with pytest.raises(ValueError, match="no Hugging Face export for layers"):
         export_hf(CausalLM(mixed), "/nonexistent")
-    from models.hf import gated_deltanet as hf_gdn
-
+    with pytest.raises(ValueError, match="pattern letters G, A and W"):
+        hf_gdn.to_hf_config(mixed)
     with pytest.raises(ValueError, match="logit soft cap"):
         hf_gdn.to_hf_config(ModelConfig(**TINY_MODEL | {"logits_soft_cap": 30.0}))
 
