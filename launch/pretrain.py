@@ -6,6 +6,7 @@
 """
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -52,5 +53,17 @@ def main() -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Ends the process with `code`. After a failure (its message printed, the logs flushed here) the
+    interpreter's teardown is skipped: a C++ thread left by gloo or DeepSpeed sometimes aborts it ("terminate
+    called without an active exception", exit -6), which would lose the exit code the job script reads."""
+    if code:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

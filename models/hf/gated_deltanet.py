@@ -2,7 +2,7 @@
 
 Owns the config map (ModelConfig <-> fla's GatedDeltaNetConfig fields) and the state_dict key map, both
 ways. A hybrid of Gated DeltaNet with attention and sliding-window layers (pattern letters G, A and W, e.g.
-the 3:1 'GGGA', or Gated DeltaNet-H2's SWA layers) is the same fla class: its `attn` field names the attention
+the 3:1 'GGGA', or Gated DeltaNet-H1's SWA layers) is the same fla class: its `attn` field names the attention
 layers (`{layers: [...], num_heads, num_kv_heads, window_size, rope_theta}`, one spec per kind), and fla's
 `Attention` has our attention mixer's q/k/v/o_proj and RoPE (rotate-half, the same inverse frequencies). Every tensor maps one to one, unchanged (models/hf/fla_layout.py). What fla's class
 cannot express is refused by name: other letters, a logit soft cap, blocks without an MLP.

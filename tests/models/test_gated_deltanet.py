@@ -46,7 +46,7 @@ VARIANTS = {  # name -> the model section
                                                            "use_output_gate": False}},
     "hybrid-3to1": yaml.safe_load((TINY / "hybrid_gdn.yaml").read_text())["model"],  # GGGA, GVA, 2 KV heads
 }
-# Gated DeltaNet-H2 style: sliding-window and full attention layers among the G layers (fla: two attn specs).
+# Gated DeltaNet-H1 style (GDN + sliding-window attention), with a full attention layer too (fla: two specs).
 VARIANTS["hybrid-swa"] = VARIANTS["hybrid-3to1"] | {"pattern": "GWGA", "sliding_window": {"window": 8}}
 UNFUSED = dict(fuse_norm=False, fuse_swiglu=False, fuse_cross_entropy=False)
 
