@@ -18,6 +18,17 @@ import pytest  # noqa: E402
 from harness import PRETRAIN, ROOT, TINY, Run, job_env, launch_command  # noqa: E402
 
 
+def pytest_configure(config):
+    # A bare `pytest` from an interpreter without the project's packages would fail 29 collections with
+    # tracebacks: say once what to run instead.
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "deepspeed") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise pytest.UsageError(f"{sys.executable} lacks {', '.join(missing)}: run the tests in the project's "
+                                "environment, `bash scripts/setup.sh && .venv/bin/python -m pytest -q`")
+
+
 @pytest.fixture
 def cuda_packages(monkeypatch):
     """mamba-ssm, causal-conv1d and flash-attn importable on the CPU (tests/cuda_standins.py), for one test."""
