@@ -54,16 +54,25 @@ def main() -> int:
 
 
 def exit_now(code: int) -> None:
-    """Ends the process with `code`. After a failure (its message printed, the logs flushed here) the
-    interpreter's teardown is skipped: a C++ thread left by gloo or DeepSpeed sometimes aborts it ("terminate
-    called without an active exception", exit -6), which would lose the exit code the job script reads."""
-    if code:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    """Ends the process with `code`, skipping the interpreter's teardown. By now the run has closed its metrics,
+    written its checkpoints and destroyed its process group; all that teardown adds is the chance that a C++
+    thread left by gloo or DeepSpeed aborts the process ("terminate called without an active exception",
+    exit -6), which turns a finished run, or a failed one's exit code, into a crash the job script misreads."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_and_exit() -> None:
+    try:
+        exit_code = main()
+    except SystemExit as e:  # preemption (75) and argparse (2) end through here too
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        exit_code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    exit_now(exit_code)
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    run_and_exit()

@@ -129,4 +129,4 @@ if sync_log := os.environ.get("COUNT_HOST_SYNCS"):
     trainer.train_step = counted_step
 
 if __name__ == "__main__":
-    pretrain.exit_now(pretrain.main())
+    pretrain.run_and_exit()
