@@ -33,8 +33,9 @@ class Block(nn.Module):
         return x, state
 
     def _mix_packed(self, x: torch.Tensor, docs: Documents) -> torch.Tensor:
-        # A mixer with a varlen kernel keeps the documents apart itself (attention: flash-attn's varlen);
-        # every other runs on each document alone (models/documents.py), through its usual kernels.
+        # A mixer with a varlen kernel keeps the documents apart itself (attention: flash-attn's varlen;
+        # Mamba-2: seq_idx); every other runs on each document alone (models/documents.py), through its
+        # usual kernels.
         if hasattr(self.mixer, "forward_packed"):
             return self.mixer.forward_packed(x, docs)
         y = per_document(lambda xs: self.mixer(xs)[0], x, docs)

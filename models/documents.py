@@ -4,7 +4,8 @@ A packed batch (B, T) holds several documents per row. Its boundaries travel as 
 cumulative document lengths over the flattened B*T tokens (flash-attn's varlen and flash-linear-attention's
 layout): [0, ..., B*T], strictly increasing, every row end B_i*T among them (a document never spans two
 rows). `Documents` checks that once, in CausalLM.forward, and derives what the mixers need: per-token
-positions (RoPE restarts at each document) and the gather indices of `per_document`.
+positions (RoPE restarts at each document), each token's document index `seq_idx` (for the kernels that
+keep documents apart themselves: mamba-ssm's SSD, causal-conv1d) and the gather indices of `per_document`.
 
 `per_document(fn, x, docs)` runs a token mixer (or, under sequence parallelism, the part of it that sees whole
 rows) on each document alone, exactly: the documents are cut out
@@ -81,6 +82,13 @@ class Documents:
     def device_positions(self) -> torch.Tensor:
         """(B*T,) position of each token within its document, on `device`."""
         return self.position_ids.flatten().to(self.device)
+
+    @cached_property
+    def seq_idx(self) -> torch.Tensor:
+        """(B, T) int32 on `device`: the index of each token's document, as mamba-ssm's and causal-conv1d's
+        `seq_idx` take it (a kernel that takes it keeps the documents apart in one call over the rows)."""
+        index = torch.repeat_interleave(torch.arange(len(self.lengths), dtype=torch.int32), self.lengths)
+        return index.view(self.batch, self.length).to(self.device)
 
     @cached_property
     def groups(self) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:

@@ -59,7 +59,7 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout, x, out, dz, delta_softp
 
 # ---- causal-conv1d: causal_conv1d_cuda ---------------------------------------------------------------------
 
-def _check_conv_layout(x, weight, initial_states):
+def _check_conv_layout(x, weight, initial_states, seq_idx=None):
     """What csrc/causal_conv1d.cpp checks before launching."""
     assert x.dtype in (torch.float32, torch.float16, torch.bfloat16)
     assert x.stride(2) == 1 or x.stride(1) == 1
@@ -72,6 +72,10 @@ def _check_conv_layout(x, weight, initial_states):
     if initial_states is not None:
         assert channel_last, "initial_states is only supported for channel last layout"
         assert initial_states.dtype == x.dtype and initial_states.stride(1) == 1
+    if seq_idx is not None:
+        assert channel_last, "seq_idx is only supported for channel last layout"
+        assert seq_idx.dtype == torch.int32 and seq_idx.is_contiguous()
+        assert seq_idx.shape == (x.shape[0], x.shape[2])
     return channel_last
 
 
@@ -82,9 +86,12 @@ def _conv_ref():
 
 
 def _conv_fwd(x, weight, bias, seq_idx, initial_states, out, final_states_out, silu):
-    channel_last = _check_conv_layout(x, weight, initial_states)
-    assert seq_idx is None, "the stand-in implements what our dispatcher calls: no seq_idx"
+    channel_last = _check_conv_layout(x, weight, initial_states, seq_idx)
     assert final_states_out is None or channel_last, "final_states is only supported for channel last layout"
+    assert seq_idx is None or final_states_out is None  # (the package's Python wrapper refuses the pair)
+    if seq_idx is not None:  # the package's reference keeps the documents apart the way its kernel does
+        out.copy_(_conv_ref()(x, weight, bias, initial_states, False, None, "silu" if silu else None, seq_idx))
+        return
     y, state = _conv_ref()(x, weight, bias, initial_states, True, None, "silu" if silu else None)
     out.copy_(y)
     if final_states_out is not None:
@@ -103,7 +110,10 @@ def _conv_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx,
     leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias, initial_states)]
 
     def backward():
-        y, state = _conv_ref()(*leaves, True, None, "silu" if silu else None)
+        if seq_idx is not None:
+            y, state = _conv_ref()(*leaves, False, None, "silu" if silu else None, seq_idx), None
+        else:
+            y, state = _conv_ref()(*leaves, True, None, "silu" if silu else None)
         loss = (y * dout).sum() + (0 if dfinal_states is None else (state * dfinal_states).sum())
         return torch.autograd.grad(loss, [t for t in leaves if t is not None], allow_unused=True)
 

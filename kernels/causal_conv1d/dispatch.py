@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import choose, fast_function
-from kernels.causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
+from kernels.causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref, padded_seq_idx
 
 WIDTHS = (2, 3, 4)  # what causal-conv1d's kernels take (models/config.py checks it)
 
@@ -22,15 +22,17 @@ def causal_conv1d(
     bias: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     activation: str | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal conv. x: (B, C, T); weight: (C, W); initial_state: (B, C, W-1) or None.
+    """Depthwise causal conv. x: (B, C, T); weight: (C, W); initial_state: (B, C, W-1) or None; seq_idx
+    (B, T) int32 document index per token (packed documents: no tap reaches into another) or None.
 
     Returns y (B, C, T) and the final state (B, C, W-1).
     """
     choice = choose("causal_conv1d", x)
     if not choice.fast:
-        return causal_conv1d_ref(x, weight, bias, initial_state, activation)
-    return conv_with(fast_function(choice), x, weight, bias, initial_state, activation)
+        return causal_conv1d_ref(x, weight, bias, initial_state, activation, seq_idx)
+    return conv_with(fast_function(choice), x, weight, bias, initial_state, activation, seq_idx)
 
 
 def _channel_last(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -38,7 +40,7 @@ def _channel_last(t: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(t.transpose(1, 2), (0, pad)).contiguous().transpose(1, 2)  # pad 0 may return a view
 
 
-def conv_with(fn, x, weight, bias, initial_state, activation):
+def conv_with(fn, x, weight, bias, initial_state, activation, seq_idx=None):
     """`causal_conv1d` through causal-conv1d's `causal_conv1d_fn` (`fn`); a function of its own so that the
     tests can run it with a stand-in that checks the package's layout rules on CPU tensors."""
     channels = x.shape[1]
@@ -52,7 +54,15 @@ def conv_with(fn, x, weight, bias, initial_state, activation):
         initial_state = initial_state.to(x.dtype)
         if pad or initial_state.stride(1) != 1:
             initial_state = _channel_last(initial_state, pad)
-    y, state = fn(x, weight, bias, initial_states=initial_state, return_final_states=True, activation=activation)
+    if seq_idx is None:
+        y, state = fn(x, weight, bias, initial_states=initial_state, return_final_states=True, activation=activation)
+    else:  # the package returns no final state with seq_idx: the last document's last inputs, taken here
+        y = fn(x, weight, bias, seq_idx=seq_idx.to(torch.int32).contiguous(), initial_states=initial_state,
+               activation=activation)
+        width = weight.shape[1]
+        tail = padded_seq_idx(seq_idx, width, initial_state is not None)[:, -(width - 1):] == seq_idx[:, -1:]
+        before = x.new_zeros(*x.shape[:2], width - 1) if initial_state is None else initial_state
+        state = torch.cat([before, x], dim=-1)[..., -(width - 1):] * tail[:, None].to(x.dtype)
     return (y[:, :channels], state[:, :channels]) if pad else (y, state)
 
 

@@ -36,20 +36,23 @@ def ssd(
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] | None = None,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba-2 scan over a sequence, differentiable (see reference.py for the maths).
 
     x (B, T, H, P); dt (B, T, H) raw; A (H,); B, C (B, T, G, N); D, dt_bias (H,); dt_limit (lo, hi) or
-    None; initial_state (B, H, P, N) or None. Returns y (B, T, H, P) and the final fp32 state (B, H, P, N).
+    None; initial_state (B, H, P, N) or None; seq_idx (B, T) int32 document index per token (packed
+    documents: no state crosses a boundary) or None. Returns y (B, T, H, P) and the final fp32 state
+    (B, H, P, N), of each row's last document under seq_idx.
     """
     choice = choose("ssd", x)
     if not choice.fast:
         chunk_size = chunk_size if x.is_cuda else min(chunk_size, CPU_CHUNK)
         return reference.ssd_chunked(
-            x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, initial_state
+            x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, initial_state, seq_idx
         )
     return ssd_with(fast_function(choice), x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit,
-                    initial_state)
+                    initial_state, seq_idx)
 
 
 @functools.cache
@@ -57,16 +60,17 @@ def _takes_state_dtype(fn) -> bool:
     return "state_dtype" in inspect.signature(fn).parameters
 
 
-def ssd_with(fn, x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, initial_state):
+def ssd_with(fn, x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, initial_state, seq_idx=None):
     """`ssd` through mamba-ssm's `mamba_chunk_scan_combined` (`fn`); a function of its own so that the tests
     can run the call with the Triton kernel under TRITON_INTERPRET=1 on CPU tensors."""
     kwargs = dict(D=D, dt_bias=dt_bias, initial_states=initial_state, dt_softplus=dt_softplus,
-                  dt_limit=dt_limit or (0.0, float("inf")), return_final_states=True)
+                  dt_limit=dt_limit or (0.0, float("inf")), return_final_states=True,
+                  seq_idx=None if seq_idx is None else seq_idx.to(torch.int32).contiguous())
     if _takes_state_dtype(fn):
         y, final_state = fn(x, dt, A, B, C, chunk_size, **kwargs, state_dtype=torch.float32)
         return y, final_state.float()
     y, final_state = fn(x, dt, A, B, C, chunk_size, **kwargs)  # its final state is rounded to C's dtype
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or seq_idx is not None:  # (a packed prefill runs per document, without seq_idx)
         return y, final_state.float()
     return y, final_state_fp32(x, reference.process_dt(dt, dt_bias, dt_softplus, dt_limit), A, B, initial_state)
 

@@ -120,8 +120,15 @@ def ssd_chunked(
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] | None = None,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SSD by chunks of `chunk_size` steps (any T). Returns y (B, T, H, P) in x's dtype, final state fp32.
+
+    seq_idx (B, T): the document of each token (packed documents, mamba-ssm's `seq_idx`), or None. No state
+    crosses from one document to the next, as mamba-ssm's kernels do it: the decays between tokens of two
+    documents are masked, a chunk's tokens write the state at its end only if they belong to its last
+    document, and a state passes into the next chunk only if its document runs through that chunk. The
+    initial state belongs to each row's first document, the final state is its last document's.
 
     Example:
         >>> x, dt = torch.randn(2, 10, 4, 8), torch.randn(2, 10, 4)
@@ -151,10 +158,18 @@ def ssd_chunked(
 
     # 1. Outputs from inputs of the same chunk (diagonal blocks): causal "attention" C B^T with decays.
     scores = C @ B.transpose(-1, -2)  # (b, g, 1, c, l, s): shared by the heads of a group
-    y = (scores * decay_matrix(a_cumsum)) @ xdt  # (b, g, r, c, l, p)
+    decays = decay_matrix(a_cumsum)  # (b, g, r, c, l, s)
+    if seq_idx is not None:
+        seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1).unflatten(1, (n_chunks, chunk_size))
+        decays = decays * (seq[..., :, None] == seq[..., None, :])[:, None, None]  # seq: (b, c, l)
+        at_end = seq[..., -1:]  # (b, c, 1): the document at each chunk's end
+        at_start = torch.cat([seq[:, :1, :1], at_end[:, :-1]], dim=1)  # the document of the state entering
+    y = (scores * decays) @ xdt  # (b, g, r, c, l, p)
 
     # 2. Each chunk's own contribution to the state at its end (right factor of the off-diagonal blocks).
     decay_to_end = torch.exp((a_cumsum[..., -1:] - a_cumsum).float())  # (b, g, r, c, l)
+    if seq_idx is not None:
+        decay_to_end = decay_to_end * (seq == at_end)[:, None, None]
     states = (xdt * decay_to_end[..., None]).transpose(-1, -2) @ B  # (b, g, r, c, p, n)
 
     # 3. Pass states across chunks, in order (linear in the number of chunks, as mamba-ssm's kernel does):
@@ -164,6 +179,8 @@ def ssd_chunked(
     else:
         state = initial_state.float().unflatten(1, (groups, per_group))
     chunk_decay = torch.exp(a_cumsum[..., -1].float())[..., None, None]  # (b, g, r, c, 1, 1)
+    if seq_idx is not None:  # a state passes through a chunk only if its document runs to the chunk's end
+        chunk_decay = chunk_decay * (at_start == at_end)[:, None, None, :, :, None]
     entering = []
     # unbind, not indexing in the loop: the backward of each index would write a full-size gradient.
     for decay, own in zip(chunk_decay.unbind(3), states.unbind(3)):
@@ -172,7 +189,10 @@ def ssd_chunked(
     states, final_state = torch.stack(entering, dim=3), state  # (b, g, r, c, p, n), (b, g, r, p, n)
 
     # 4. Outputs from the state entering each chunk (left factor of the off-diagonal blocks).
-    y = y + (C @ states.transpose(-1, -2)) * torch.exp(a_cumsum.float())[..., None]  # (b, g, r, c, l, p)
+    from_state = torch.exp(a_cumsum.float())  # (b, g, r, c, l)
+    if seq_idx is not None:
+        from_state = from_state * (seq == at_start)[:, None, None]
+    y = y + (C @ states.transpose(-1, -2)) * from_state[..., None]  # (b, g, r, c, l, p)
 
     y = y.permute(0, 3, 4, 1, 2, 5).reshape(batch, n_chunks * chunk_size, heads, headdim)[:, :length]
     if D is not None:

@@ -45,16 +45,17 @@ class ShortConv(nn.Conv1d):
         super().__init__(channels, channels, width, groups=channels, padding=width - 1, bias=bias)
 
     def forward(
-        self, x: torch.Tensor, state: torch.Tensor | None = None, channels: torch.Tensor | slice | None = None
+        self, x: torch.Tensor, state: torch.Tensor | None = None, channels: torch.Tensor | slice | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """x (B, T, C) -> y (B, T, C), state (B, C, W-1). `channels` (indices or a slice): x holds only those
         channels (a sequence-parallel rank's share); sliced here, inside forward, where ZeRO-3 has gathered
-        the weight."""
+        the weight. `seq_idx` (B, T): packed documents' index per token (no tap crosses a boundary)."""
         weight, bias = self.weight.squeeze(1), self.bias  # (C, W), (C,)
         if channels is not None:
             weight, bias = weight[channels], None if bias is None else bias[channels]
         # (B, C, T) view of a (B, T, C) tensor: the channel-last layout causal-conv1d carries states in.
-        y, state = causal_conv1d(x.transpose(1, 2), weight, bias, state, activation="silu")
+        y, state = causal_conv1d(x.transpose(1, 2), weight, bias, state, activation="silu", seq_idx=seq_idx)
         return y.transpose(1, 2), state
 
     def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,6 @@ from torch import nn
 
 from kernels.ssd import ssd, ssd_step
 from models.config import ModelConfig
-from models.documents import per_document
 from models.flops import chunk_width, linear
 from models.mixers.mamba import ShortConv, SSMState, exclude_from_weight_decay, softplus_inverse_dt
 
@@ -119,31 +118,36 @@ class Mamba2Mixer(nn.Module):
         channels = torch.cat([x_ch.view(self.n_heads, -1)[heads].flatten(), b_ch.view(m.n_groups, -1)[groups].flatten(),
                               c_ch.view(m.n_groups, -1)[groups].flatten()])
 
-        def mix(xs, B, C, dt):
-            xs, B, C = (t.flatten(-2) for t in (xs, B, C))
-            xbc, _ = self.conv1d(torch.cat([xs, B, C], dim=-1), None, channels)
-            xs, B, C = xbc.split([xs.shape[-1], B.shape[-1], C.shape[-1]], dim=-1)
-            return ssd(
-                xs.unflatten(-1, (-1, m.headdim)), dt, self.A[heads], B.unflatten(-1, (-1, m.d_state)),
-                C.unflatten(-1, (-1, m.d_state)), m.chunk_size, D=self.D[heads], dt_bias=self.dt_bias[heads],
-                dt_softplus=True, dt_limit=m.dt_limit,
-            )[0]
-
-        y = mix(*whole) if docs is None else per_document(mix, whole, docs)
+        xs, B, C, dt = whole
+        seq_idx = None if docs is None else docs.seq_idx  # over the whole rows, as whole is
+        xs, B, C = (t.flatten(-2) for t in (xs, B, C))
+        xbc, _ = self.conv1d(torch.cat([xs, B, C], dim=-1), None, channels, seq_idx)
+        xs, B, C = xbc.split([xs.shape[-1], B.shape[-1], C.shape[-1]], dim=-1)
+        y, _ = ssd(
+            xs.unflatten(-1, (-1, m.headdim)), dt, self.A[heads], B.unflatten(-1, (-1, m.d_state)),
+            C.unflatten(-1, (-1, m.d_state)), m.chunk_size, D=self.D[heads], dt_bias=self.dt_bias[heads],
+            dt_softplus=True, dt_limit=m.dt_limit, seq_idx=seq_idx,
+        )
         y = sp.heads_to_seq(y)  # (B, T/sp, H, P)
         return self.out_proj(self.norm(y.flatten(-2), z))
 
-    def forward(self, x: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
-        """x (B, T, d_model) -> y (B, T, d_model), state after the last token."""
+    def forward(self, x: torch.Tensor, state: SSMState | None = None, seq_idx: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, SSMState]:
+        """x (B, T, d_model) -> y (B, T, d_model), state after the last token. `seq_idx` (B, T): packed
+        documents (causal-conv1d's and mamba-ssm's varlen form), each on a fresh state."""
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv1d.in_channels, self.n_heads], dim=-1)
-        xbc, conv_state = self.conv1d(xbc, None if state is None else state.conv)
+        xbc, conv_state = self.conv1d(xbc, None if state is None else state.conv, seq_idx=seq_idx)
         xs, B, C = self._scan_args(xbc)  # (B, T, H, P), (B, T, G, N) x2
         y, ssm_state = ssd(
             xs, dt, self.A, B, C, self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-            dt_limit=self.cfg.dt_limit, initial_state=None if state is None else state.ssm,
+            dt_limit=self.cfg.dt_limit, initial_state=None if state is None else state.ssm, seq_idx=seq_idx,
         )
         y = self.norm(y.flatten(-2), z)  # (B, T, d_inner)
         return self.out_proj(y), SSMState(conv_state, ssm_state)
+
+    def forward_packed(self, x: torch.Tensor, docs) -> torch.Tensor:
+        """Packed documents in one call over the rows: the convolution and the SSD take `seq_idx`."""
+        return self(x, seq_idx=docs.seq_idx)[0]
 
     def step(self, x_t: torch.Tensor, state: SSMState) -> tuple[torch.Tensor, SSMState]:
         """x_t (B, d_model) -> y_t (B, d_model), state after this token."""

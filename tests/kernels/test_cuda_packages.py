@@ -111,6 +111,41 @@ def test_mamba_chunk_scan_combined(dt_limit):
         assert rel(y0, y_min) < 1e-5 and rel(s0, s_min) < 1e-5
 
 
+# Packed documents: row 0 holds documents of 1, 15 (ending on a 16-token chunk boundary), 21 and 11 tokens
+# (no chunk size divides them), row 1 is one document; seq_idx is each token's document (models/documents.py).
+DOC_LENGTHS, ROW = [1, 15, 21, 11, 48], 48
+SEQ_IDX = torch.repeat_interleave(torch.arange(len(DOC_LENGTHS), dtype=torch.int32),
+                                  torch.tensor(DOC_LENGTHS)).view(2, ROW)
+
+
+def each_document(t: torch.Tensor) -> list[torch.Tensor]:
+    """(2, ROW, ...) -> each document alone, (1, length, ...)."""
+    return [d[None] for d in t.flatten(0, 1).split(DOC_LENGTHS)]
+
+
+def test_packed_documents_through_mamba_chunk_scan_combined():
+    """mamba-ssm's Triton SSD with seq_idx (TRITON_INTERPRET=1, fp32): each document as if alone, forward and
+    backward, against our chunked reference run on each document by itself."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    p = ssd_inputs(length=ROW)
+    names = ["x", "dt", "A", "B", "C", "D", "dt_bias"]
+    args = leaves(*(p[k] for k in names))
+    x, dt, A, B, C, D, dt_bias = args
+    y, _ = ssd_with(mamba_chunk_scan_combined, x, dt, A, B, C, 16, D, dt_bias, True, None, None, SEQ_IDX)
+    ref_args = leaves(*(p[k] for k in names))
+    xr, dtr, Ar, Br, Cr, Dr, dt_bias_r = ref_args
+    alone = [ssd_chunked(*doc, Ar, Bd, Cd, 16, Dr, dt_bias_r, True)[0]
+             for *doc, Bd, Cd in zip(each_document(xr), each_document(dtr), each_document(Br), each_document(Cr))]
+    y_ref = torch.cat(alone, dim=1).view_as(y)
+    assert rel(y, y_ref) < 3e-6  # measured 2.6e-7
+    for a, b in zip(grads([y], args), grads([y_ref], ref_args)):
+        assert rel(a, b) < 3e-6  # measured <= 2.9e-7
+    unpacked, _ = ssd_with(mamba_chunk_scan_combined, *(t.detach() for t in args[:5]), 16, D, dt_bias, True, None,
+                           None)
+    assert rel(unpacked, y_ref) > 1e-2  # without seq_idx the documents leak: the test can see it
+
+
 def test_ssd_step_through_selective_state_update():
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
@@ -147,6 +182,29 @@ def test_causal_conv1d_fn(channels, width, row, with_state):
     assert rel(y, y_ref) < 1e-6 and torch.equal(state, state_ref) and rel(y, y_theirs) < 1e-6
     assert torch.equal(state, state_theirs)
     for a, b_ in zip(grads([y, state], args), grads([y_ref, state_ref], ref_args)):
+        assert rel(a, b_) < 1e-6
+
+
+@pytest.mark.parametrize("channels", [16, 60])
+def test_packed_documents_through_causal_conv1d_fn(channels):
+    """causal-conv1d with seq_idx (channel-last, as its kernel requires): no tap crosses a boundary, forward
+    and backward, against the package's own reference and our reference on each document alone; the state
+    is the last document's."""
+    from causal_conv1d import causal_conv1d_fn
+    from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref as theirs
+
+    x = randn(2, ROW, channels).transpose(1, 2)  # (B, C, T) channel-last view, as the mixers pass
+    w, b = randn(channels, 4), randn(channels)
+    args = leaves(x, w, b)
+    y, state = conv_with(causal_conv1d_fn, *args, None, "silu", SEQ_IDX)
+    assert rel(y, theirs(x, w, b, activation="silu", seq_idx=SEQ_IDX)) < 1e-6
+    ref_args = leaves(x, w, b)
+    docs = [causal_conv1d_ref(d.transpose(1, 2), *ref_args[1:], activation="silu")  # each (1, C, length)
+            for d in each_document(ref_args[0].transpose(1, 2))]
+    y_ref = torch.cat([y_doc for y_doc, _ in docs], dim=-1)[0].unflatten(-1, (2, ROW)).transpose(0, 1)
+    assert rel(y, y_ref) < 1e-6
+    assert torch.equal(state[1], docs[-1][1][0]) and torch.equal(state[0], docs[-2][1][0])
+    for a, b_ in zip(grads([y], args), grads([y_ref], ref_args)):
         assert rel(a, b_) < 1e-6
 
 

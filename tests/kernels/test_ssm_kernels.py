@@ -62,6 +62,37 @@ def test_causal_conv_state_carries_across_pieces_and_short_inputs():
     assert torch.equal(state, whole_state)
 
 
+# Packed documents (models/documents.py): row 0 holds documents of 1, 15, 21 and 11 tokens (16 ends on a
+# 16-token chunk boundary; the others divide no chunk size), row 1 is one document of the whole row.
+DOC_LENGTHS, ROW = [1, 15, 21, 11, 48], 48
+SEQ_IDX = torch.repeat_interleave(torch.arange(5, dtype=torch.int32), torch.tensor(DOC_LENGTHS)).view(2, ROW)
+FIRST_DOCS = (0, 4)  # the documents an initial state belongs to (each row's first)
+
+
+def each_document(t: torch.Tensor, time_dim: int = 1) -> list[torch.Tensor]:
+    """(2, ROW, ...) (time at `time_dim`) -> each document alone, batch 1."""
+    rows = t.movedim(time_dim, 1).flatten(0, 1).split(DOC_LENGTHS)
+    return [d[None].movedim(1, time_dim) for d in rows]
+
+
+def test_causal_conv_with_seq_idx_equals_each_document_alone(cuda_packages):
+    """Reference conv with seq_idx against each document alone, and against causal-conv1d's own reference; the
+    initial state feeds each row's first document only, the final state is the last document's."""
+    torch.manual_seed(0)
+    x, w, b, s0 = torch.randn(2, 5, ROW), torch.randn(5, 4), torch.randn(5), torch.randn(2, 5, 3)
+    y, state = causal_conv1d_ref(x, w, b, s0, activation="silu", seq_idx=SEQ_IDX)
+    alone = [causal_conv1d_ref(d, w, b, s0[[i // 4]] if i in FIRST_DOCS else None, activation="silu")
+             for i, d in enumerate(each_document(x, time_dim=2))]
+    expected = torch.cat([y_doc for y_doc, _ in alone], dim=-1)[0].unflatten(-1, (2, ROW)).transpose(0, 1)
+    assert rel_err(y, expected) < 1e-6
+    assert torch.equal(state[0], alone[3][1][0]) and torch.equal(state[1], alone[4][1][0])
+    unpacked, _ = causal_conv1d_ref(x, w, b, s0, activation="silu")
+    assert rel_err(unpacked, expected) > 1e-2  # the test can see a tap across a boundary
+    from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref as theirs
+
+    assert rel_err(y, theirs(x, w, b, s0, activation="silu", seq_idx=SEQ_IDX)) < 1e-6
+
+
 def test_conv_update_steps_equal_full_conv():
     torch.manual_seed(0)
     x, w, b = torch.randn(3, 6, 10), torch.randn(6, 4), torch.randn(6)
@@ -173,6 +204,29 @@ def test_ssd_chunked_equals_sequential_scan_with_gradients(shape, chunk, with_st
         assert rel_err(a, b) < 1e-5
     for name, ga, gb in zip(names, grads(out_a, ins_a), grads(out_b, ins_b)):
         assert rel_err(ga, gb) < 1e-5, name
+
+
+@pytest.mark.parametrize("chunk", [4, 16, 64])
+def test_ssd_with_seq_idx_equals_each_document_alone(chunk):
+    """The chunked SSD with seq_idx against the sequential spec run on each document alone: outputs, the last
+    document's final state and every input's gradient; the initial state feeds each row's first document."""
+    p = ssd_inputs(batch=2, length=ROW)
+    names = list(p)
+    ins_a, ins_b = leaves(*p.values()), leaves(*p.values())
+    a = dict(zip(names, ins_a))
+    y, state = ssd_chunked(**a, chunk_size=chunk, dt_softplus=True, seq_idx=SEQ_IDX)
+    b = dict(zip(names, ins_b))
+    per_doc = zip(*(each_document(b[k]) for k in ("x", "dt", "B", "C")), strict=True)
+    alone = [ssd_sequential_ref(xd, dtd, b["A"], Bd, Cd, b["D"], b["dt_bias"], True, None,
+                                b["initial_state"][[i // 4]] if i in FIRST_DOCS else None)
+             for i, (xd, dtd, Bd, Cd) in enumerate(per_doc)]
+    y_ref = torch.cat([y_doc for y_doc, _ in alone], dim=1).view_as(y)
+    state_ref = torch.cat([alone[3][1], alone[4][1]])  # each row's last document
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(state, state_ref) < 1e-5
+    for name, ga, gb in zip(names, grads((y, state), ins_a), grads((y_ref, state_ref), ins_b)):
+        assert rel_err(ga, gb) < 1e-5, name
+    unpacked, _ = ssd_chunked(**a, chunk_size=chunk, dt_softplus=True)
+    assert rel_err(unpacked, y_ref) > 1e-2  # the test can see a state crossing a boundary
 
 
 def test_ssd_dt_limit_clamps_in_scan_and_step():
