@@ -34,8 +34,8 @@ class Block(nn.Module):
 
     def _mix_packed(self, x: torch.Tensor, docs: Documents) -> torch.Tensor:
         # A mixer with a varlen kernel keeps the documents apart itself (attention: flash-attn's varlen;
-        # Mamba-2: seq_idx); every other runs on each document alone (models/documents.py), through its
-        # usual kernels.
+        # Mamba-2: seq_idx; HGRN2, Gated DeltaNet: cu_seqlens); every other runs on each document alone
+        # (models/documents.py), through its usual kernels.
         if hasattr(self.mixer, "forward_packed"):
             return self.mixer.forward_packed(x, docs)
         y = per_document(lambda xs: self.mixer(xs)[0], x, docs)

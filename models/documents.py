@@ -83,6 +83,14 @@ class Documents:
         """(B*T,) position of each token within its document, on `device`."""
         return self.position_ids.flatten().to(self.device)
 
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (1, B*T, ...): fla's varlen layout, over which cu_seqlens runs."""
+        return t.flatten(0, 1)[None]
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """(1, B*T, ...) -> (B, T, ...)."""
+        return t[0].unflatten(0, (self.batch, self.length))
+
     @cached_property
     def seq_idx(self) -> torch.Tensor:
         """(B, T) int32 on `device`: the index of each token's document, as mamba-ssm's and causal-conv1d's

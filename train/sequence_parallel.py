@@ -156,11 +156,17 @@ class SequenceParallel:
 
     def run(self, mixer: nn.Module, x: torch.Tensor, docs=None) -> torch.Tensor:
         """The mixer's output for this rank's tokens x (B, T/sp, D). `docs`: packed documents over the whole
-        rows (models/documents.py); the part of the mixer that sees whole rows runs on each document alone."""
+        rows (models/documents.py); the part of the mixer that sees whole rows keeps them apart itself
+        (`mix_packed`, a varlen kernel) or runs on each document alone."""
         if hasattr(mixer, "sp_forward"):
             return mixer.sp_forward(x, self, docs)
         heads = [self.seq_to_heads(t) for t in mixer.project(x)]
-        y = mixer.mix(*heads) if docs is None else per_document(mixer.mix, heads, docs)
+        if docs is None:
+            y = mixer.mix(*heads)
+        elif hasattr(mixer, "mix_packed"):  # a varlen kernel keeps the documents apart itself
+            y = mixer.mix_packed(*heads, docs)
+        else:
+            y = per_document(mixer.mix, heads, docs)
         return mixer.output(self.heads_to_seq(y), x)
 
 

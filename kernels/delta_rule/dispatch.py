@@ -25,18 +25,23 @@ def chunk_gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise gated delta rule over a whole sequence, differentiable.
 
     q, k: (B, T, H, K) with k L2-normalised; v: (B, T, H, V); g (log decay <= 0), beta: (B, T, H);
     initial_state (B, H, K, V) fp32 or None; scale defaults to K ** -0.5. Returns o (B, T, H, V) in v's
     dtype and the final fp32 state. chunk_size: None picks each backend's own (16 Triton, 64 reference).
+    cu_seqlens: packed documents (fla's varlen layout, B = 1 over the flattened tokens; CPU int tensor),
+    each run as if alone in one call (kernels/varlen.py); then no final state (None).
     """
     if choose("delta_rule", q).fast:
         from kernels.delta_rule.triton import chunk_gated_delta_rule_triton
 
-        return chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, chunk_size or TRITON_CHUNK)
-    return reference.delta_rule_chunk(q, k, v, g, beta, scale, initial_state, chunk_size or REFERENCE_CHUNK)
+        return chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, chunk_size or TRITON_CHUNK,
+                                             cu_seqlens)
+    return reference.delta_rule_chunk(q, k, v, g, beta, scale, initial_state, chunk_size or REFERENCE_CHUNK,
+                                      cu_seqlens)
 
 
 def delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, scale: float | None = None):

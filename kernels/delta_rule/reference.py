@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.varlen import packed_call
+
 
 def check_inputs(q, k, v, g, beta, initial_state=None) -> None:
     """Raise ValueError unless the shapes follow the contract in the module docstring."""
@@ -83,9 +85,15 @@ def delta_rule_recurrent(q, k, v, g, beta, scale: float | None = None, initial_s
 CHUNK_BLOCK = 8  # chunks whose WY pieces are built together (speed only)
 
 
-def delta_rule_chunk(q, k, v, g, beta, scale: float | None = None, initial_state=None, chunk_size: int = 64):
-    """Chunkwise (WY) gated delta rule, differentiable. Shapes and math in the module docstring."""
+def delta_rule_chunk(q, k, v, g, beta, scale: float | None = None, initial_state=None, chunk_size: int = 64,
+                     cu_seqlens=None):
+    """Chunkwise (WY) gated delta rule, differentiable. Shapes and math in the module docstring; with
+    `cu_seqlens` (packed documents, fla's varlen layout: B = 1 over the flattened tokens) each document
+    runs as if alone (kernels/varlen.py) and no final state is returned."""
     check_inputs(q, k, v, g, beta, initial_state)
+    if cu_seqlens is not None:
+        return packed_call(lambda _, *qkvgb: delta_rule_chunk(*qkvgb, scale, None, chunk_size)[0], cu_seqlens,
+                           chunk_size, initial_state, q, k, v, g, beta)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale

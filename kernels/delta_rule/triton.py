@@ -42,6 +42,7 @@ import triton.language as tl
 from kernels import triton_launch as launch
 from kernels.delta_rule.dispatch import TRITON_CHUNK_SIZES, TRITON_MAX_KEY_DIM
 from kernels.delta_rule.reference import check_inputs
+from kernels.varlen import packed_call
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
@@ -440,8 +441,12 @@ def chunk_gated_delta_rule_triton(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     chunk_size: int = 16,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise gated delta rule with Triton kernels, differentiable in all inputs and the initial state.
+    With `cu_seqlens` (packed documents, B = 1 over the flattened tokens, as fla's) each document runs
+    alone, in one launch per kernel (kernels/varlen.py; d g is chunk-local already), and no final state
+    is returned.
 
     q, k: (B, T, H, K); v: (B, T, H, V) (one dtype: fp32, bf16 or fp16); g (log decay, <= 0) and beta:
     (B, T, H); initial_state: (B, H, K, V) or None; scale defaults to K ** -0.5. Keys should be
@@ -461,6 +466,10 @@ def chunk_gated_delta_rule_triton(
     if K > TRITON_MAX_KEY_DIM:
         raise ValueError(f"the Triton gated delta rule kernel takes key dims up to {TRITON_MAX_KEY_DIM}, got {K}")
     scale = K**-0.5 if scale is None else scale
+    if cu_seqlens is not None:
+        return packed_call(lambda _, *qkvgb: _ChunkGatedDeltaRule.apply(
+            *launch.pad_time(chunk_size, *qkvgb), launch.initial_state(None, (1, H, K, V), q.device), scale, chunk_size)[0],
+            cu_seqlens, chunk_size, initial_state, q, k, v, g, beta.float())
     q, k, v, g, beta = launch.pad_time(chunk_size, q, k, v, g.float(), beta.float())
     h0 = launch.initial_state(initial_state, (B, H, K, V), q.device)
     o, ht = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, h0, scale, chunk_size)

@@ -28,18 +28,21 @@ def chunk_gla(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise GLA over a whole sequence, differentiable.
 
     q, k, g: (B, T, H, K) with g the log decay (<= 0); v: (B, T, H, V); initial_state (B, H, K, V) fp32
     or None; scale defaults to K ** -0.5. Returns o (B, T, H, V) in v's dtype and the final fp32 state.
     chunk_size: None picks each backend's own (16 for Triton, 32 for the reference); speed only.
+    cu_seqlens: packed documents (fla's varlen layout, B = 1 over the flattened tokens; CPU int tensor),
+    each run as if alone in one call (kernels/varlen.py); then no final state (None).
     """
     if choose("gla", q).fast:
         from kernels.gla.triton import chunk_gla_triton
 
-        return chunk_gla_triton(q, k, v, g, scale, initial_state, chunk_size or TRITON_CHUNK)
-    return reference.gla_chunk(q, k, v, g, scale, initial_state, chunk_size or REFERENCE_CHUNK)
+        return chunk_gla_triton(q, k, v, g, scale, initial_state, chunk_size or TRITON_CHUNK, cu_seqlens)
+    return reference.gla_chunk(q, k, v, g, scale, initial_state, chunk_size or REFERENCE_CHUNK, cu_seqlens)
 
 
 def gla_step(q_t, k_t, v_t, g_t, state, scale: float | None = None):

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.varlen import packed_call
+
 
 def check_inputs(q, k, v, g, initial_state=None) -> None:
     """Raise ValueError unless the shapes follow the contract in the module docstring."""
@@ -65,8 +67,10 @@ def gla_recurrent(q, k, v, g, scale: float | None = None, initial_state=None):
     return torch.stack(outs, dim=1), state
 
 
-def gla_chunk(q, k, v, g, scale: float | None = None, initial_state=None, chunk_size: int = 32):
-    """Chunkwise GLA, differentiable. Shapes as in the module docstring.
+def gla_chunk(q, k, v, g, scale: float | None = None, initial_state=None, chunk_size: int = 32, cu_seqlens=None):
+    """Chunkwise GLA, differentiable. Shapes as in the module docstring; with `cu_seqlens` (packed
+    documents, fla's varlen layout: B = 1 over the flattened tokens) each document runs as if alone
+    (kernels/varlen.py) and no final state is returned.
 
     Inside a chunk, with b the cumulative log decay from the chunk start (per key dimension):
         o_t = scale * [ (q_t * exp(b_t)) S_c + sum_{s<=t} (sum_k q_t k_s exp(b_t - b_s)) v_s ]
@@ -75,6 +79,9 @@ def gla_chunk(q, k, v, g, scale: float | None = None, initial_state=None, chunk_
     exp(-b_s): with strong decay (forget gates near 0) exp(-b_s) overflows fp32 within one chunk.
     """
     check_inputs(q, k, v, g, initial_state)
+    if cu_seqlens is not None:
+        return packed_call(lambda _, *qkvg: gla_chunk(*qkvg, scale, None, chunk_size)[0], cu_seqlens, chunk_size,
+                           initial_state, q, k, v, g)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale

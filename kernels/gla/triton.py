@@ -34,6 +34,7 @@ import triton.language as tl
 from kernels import triton_launch as launch
 from kernels.gla.dispatch import TRITON_CHUNK_SIZES, TRITON_MAX_KEY_DIM
 from kernels.gla.reference import check_inputs
+from kernels.varlen import packed_call
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
@@ -252,8 +253,9 @@ def _fwd(q, k, v, g, h0, scale, chunk_size, recompute):
     return hs if recompute else (o, ht)
 
 
-def _bwd(q, k, v, g, h0, do, dht, scale, chunk_size):
-    """Gradients of q, k, v, g and the initial state; inputs contiguous, T a multiple of chunk_size."""
+def _bwd(q, k, v, g, h0, do, dht, scale, chunk_size, layout=None):
+    """Gradients of q, k, v, g and the initial state; inputs contiguous, T a multiple of chunk_size;
+    `layout`: packed documents (kernels/varlen.py), whose d g sums run within each document."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     NC = T // chunk_size
@@ -274,7 +276,7 @@ def _bwd(q, k, v, g, h0, do, dht, scale, chunk_size):
     )
     # d g_t = sum over t' >= t of (q dq - k dk)_t', plus <S_T, dS_T> over V (S_T decays by every g_t).
     final = (hs[:, NC] * dht.view(B * H, K, V)).sum(-1).view(B, 1, H, K)
-    dg = dgacc.flip(1).cumsum(1).flip(1) + final
+    dg = (dgacc.flip(1).cumsum(1).flip(1) if layout is None else layout.reverse_cumsum(dgacc)) + final
     return dq, dk, dv, dg.to(g.dtype), dhs[:, 0].view(B, H, K, V).clone()
 
 
@@ -285,11 +287,11 @@ def _bwd(q, k, v, g, h0, do, dht, scale, chunk_size):
 
 class _ChunkGLA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, h0, scale, chunk_size):
+    def forward(ctx, q, k, v, g, h0, scale, chunk_size, layout):
         with launch.on_device(q):
             o, ht = _fwd(q, k, v, g, h0, scale, chunk_size, recompute=False)
         ctx.save_for_backward(q, k, v, g, h0)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
+        ctx.scale, ctx.chunk_size, ctx.layout = scale, chunk_size, layout
         return o, ht
 
     @staticmethod
@@ -298,8 +300,8 @@ class _ChunkGLA(torch.autograd.Function):
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = torch.zeros_like(h0) if dht is None else dht.float().contiguous()
         with launch.on_device(q):
-            dq, dk, dv, dg, dh0 = _bwd(q, k, v, g, h0, do, dht, ctx.scale, ctx.chunk_size)
-        return dq, dk, dv, dg, dh0, None, None
+            dq, dk, dv, dg, dh0 = _bwd(q, k, v, g, h0, do, dht, ctx.scale, ctx.chunk_size, ctx.layout)
+        return dq, dk, dv, dg, dh0, None, None, None
 
 
 def chunk_gla_triton(
@@ -310,12 +312,15 @@ def chunk_gla_triton(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     chunk_size: int = 16,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise GLA with Triton kernels, differentiable in q, k, v, g and the initial state.
 
     q, k, g: (B, T, H, K); v: (B, T, H, V) (one dtype: fp32, bf16 or fp16); g is the log decay (<= 0);
     initial_state: (B, H, K, V) or None. scale defaults to K ** -0.5.
-    Returns o (B, T, H, V) in v's dtype and the final state (B, H, K, V) fp32.
+    Returns o (B, T, H, V) in v's dtype and the final state (B, H, K, V) fp32. With `cu_seqlens`
+    (packed documents, B = 1 over the flattened tokens, as fla's) each document runs alone, in one
+    launch per kernel (kernels/varlen.py), and no final state is returned.
 
     Example (CUDA, or CPU with TRITON_INTERPRET=1):
         >>> q, k = torch.randn(2, 2, 100, 2, 64, device="cuda").unbind(0)
@@ -330,9 +335,13 @@ def chunk_gla_triton(
     if K > TRITON_MAX_KEY_DIM:
         raise ValueError(f"the Triton GLA kernel takes key dims up to {TRITON_MAX_KEY_DIM}, got {K}")
     scale = K**-0.5 if scale is None else scale
+    if cu_seqlens is not None:
+        return packed_call(lambda layout, *qkvg: _ChunkGLA.apply(
+            *launch.pad_time(chunk_size, *qkvg), launch.initial_state(None, (1, H, K, V), q.device), scale, chunk_size,
+            layout)[0], cu_seqlens, chunk_size, initial_state, q, k, v, g)
     q, k, v, g = launch.pad_time(chunk_size, q, k, v, g.float())
     h0 = launch.initial_state(initial_state, (B, H, K, V), q.device)
-    o, ht = _ChunkGLA.apply(q, k, v, g, h0, scale, chunk_size)
+    o, ht = _ChunkGLA.apply(q, k, v, g, h0, scale, chunk_size, None)
     return o[:, :T], ht
 
 

@@ -30,7 +30,6 @@ from torch import nn
 from kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
 from kernels.delta_rule.dispatch import TRITON_CHUNK
 from models.config import ModelConfig
-from models.documents import per_document
 from models.flops import chunk_width, linear
 from models.mixers.mamba import ShortConv, softplus_inverse_dt
 
@@ -125,21 +124,28 @@ class GatedDeltaNetMixer(nn.Module):
             return q, k
         return q.repeat_interleave(groups, dim=-2), k.repeat_interleave(groups, dim=-2)
 
-    def _mix(self, q, k, v, a, b, heads: slice, v_heads: slice, state: GDNState | None):
+    def _mix(self, q, k, v, a, b, heads: slice, v_heads: slice, state: GDNState | None, docs=None):
         """Whole sequences of the heads `heads` (and their value heads `v_heads`): convolutions, gates and
-        the gated delta rule. q, k (B, T, h, K), v (B, T, hv, V), a, b (B, T, hv) -> o (B, T, hv, V), state."""
+        the gated delta rule. q, k (B, T, h, K), v (B, T, hv, V), a, b (B, T, hv) -> o (B, T, hv, V), state.
+        `docs`: packed documents, kept apart in one call (the convolutions take seq_idx, the delta rule
+        cu_seqlens); then no state is returned."""
         convs = (None, None, None) if state is None else state.conv
         rows_k = slice(heads.start * self.head_k_dim, heads.stop * self.head_k_dim)
         rows_v = slice(v_heads.start * self.head_v_dim, v_heads.stop * self.head_v_dim)
-        outs = [conv(t.flatten(-2), s, rows) for conv, t, s, rows in
+        seq_idx = None if docs is None else docs.seq_idx
+        outs = [conv(t.flatten(-2), s, rows, seq_idx) for conv, t, s, rows in
                 zip((self.q_conv1d, self.k_conv1d, self.v_conv1d), (q, k, v), convs, (rows_k, rows_k, rows_v))]
         (q, cq), (k, ck), (v, cv) = outs
         q, k = (l2_normalize(t.unflatten(-1, (-1, self.head_k_dim))) for t in (q, k))
         q, k = self._per_value_head(q, k)
         g, beta = self._gates(a, b, v_heads)
+        v = v.unflatten(-1, (-1, self.head_v_dim))
+        if docs is not None:
+            o, _ = chunk_gated_delta_rule(*map(docs.flat, (q, k, v, g, beta)), chunk_size=self.chunk_size,
+                                          cu_seqlens=docs.cu_seqlens)
+            return docs.rows(o), None
         o, recurrent = chunk_gated_delta_rule(
-            q, k, v.unflatten(-1, (-1, self.head_v_dim)), g, beta,
-            initial_state=None if state is None else state.recurrent, chunk_size=self.chunk_size,
+            q, k, v, g, beta, initial_state=None if state is None else state.recurrent, chunk_size=self.chunk_size,
         )
         return o, GDNState(recurrent, (cq, ck, cv))
 
@@ -154,6 +160,11 @@ class GatedDeltaNetMixer(nn.Module):
     def forward(self, x: torch.Tensor, state: GDNState | None = None) -> tuple[torch.Tensor, GDNState]:
         o, state = self._mix(*self._project(x), slice(0, self.n_heads), slice(0, self.n_v_heads), state)
         return self._out(o, x), state
+
+    def forward_packed(self, x: torch.Tensor, docs) -> torch.Tensor:
+        """Packed documents (models/documents.py) in one call: x (B, T, d) -> y (B, T, d)."""
+        o, _ = self._mix(*self._project(x), slice(0, self.n_heads), slice(0, self.n_v_heads), None, docs)
+        return self._out(o, x)
 
     def step(self, x_t: torch.Tensor, state: GDNState) -> tuple[torch.Tensor, GDNState]:
         """x_t (B, d) -> y_t (B, d), the state after this token."""
@@ -175,6 +186,5 @@ class GatedDeltaNetMixer(nn.Module):
     def sp_forward(self, x: torch.Tensor, sp, docs=None) -> torch.Tensor:
         """This rank's tokens x (B, T/sp, d) -> y (B, T/sp, d); `docs`: packed documents over the whole rows."""
         heads = [sp.seq_to_heads(t) for t in self._project(x)]
-        mix = lambda *hs: self._mix(*hs, sp.local(self.n_heads), sp.local(self.n_v_heads), None)[0]  # noqa: E731
-        o = mix(*heads) if docs is None else per_document(mix, heads, docs)
+        o, _ = self._mix(*heads, sp.local(self.n_heads), sp.local(self.n_v_heads), None, docs)
         return self._out(sp.heads_to_seq(o), x)

@@ -108,6 +108,14 @@ class HGRN2Mixer(nn.Module):
     def mix(self, q, k, v, g) -> torch.Tensor:
         return chunk_gla(q, k, v, g, chunk_size=self.chunk_size)[0]
 
+    def mix_packed(self, q, k, v, g, docs) -> torch.Tensor:
+        """`mix` of packed documents in one call: the GLA kernels take cu_seqlens (kernels/varlen.py)."""
+        o, _ = chunk_gla(*map(docs.flat, (q, k, v, g)), chunk_size=self.chunk_size, cu_seqlens=docs.cu_seqlens)
+        return docs.rows(o)
+
+    def forward_packed(self, x: torch.Tensor, docs) -> torch.Tensor:
+        return self._out(self.mix_packed(*self._qkvg(x), docs))
+
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self._out(o)
 

@@ -1,8 +1,9 @@
 """Packed documents (models/documents.py): a packed forward and backward equals running each document alone.
 
 For every family's tiny model (so every mixer, and BST's and SCOUT's hybrids, with the kernel paths the
-CPU takes: the references, Mamba-2's with seq_idx; the Triton and CUDA-package paths run the same
-per-document batches or, for Mamba-2, seq_idx, whose kernels tests/kernels/test_cuda_packages.py checks): logits and every parameter gradient of a packed batch against each document run as its
+CPU takes: the references, Mamba-2's with seq_idx, HGRN2's and Gated DeltaNet's with cu_seqlens; the Triton
+and CUDA-package paths take the same per-document batches, seq_idx or cu_seqlens, checked kernel by kernel
+in tests/kernels/test_varlen.py and test_cuda_packages.py): logits and every parameter gradient of a packed batch against each document run as its
 own sequence, in fp32 (fp32 rounding only: the batch shapes differ); a packed prefill gives each
 document's decoding state. The layout has a document of length 1, one ending exactly on a 16-token chunk
 boundary, lengths that no chunk size divides, and a row that is one document. Inconsistent boundaries are
