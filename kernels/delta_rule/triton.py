@@ -467,9 +467,11 @@ def chunk_gated_delta_rule_triton(
         raise ValueError(f"the Triton gated delta rule kernel takes key dims up to {TRITON_MAX_KEY_DIM}, got {K}")
     scale = K**-0.5 if scale is None else scale
     if cu_seqlens is not None:
-        return packed_call(lambda _, *qkvgb: _ChunkGatedDeltaRule.apply(
-            *launch.pad_time(chunk_size, *qkvgb), launch.initial_state(None, (1, H, K, V), q.device), scale, chunk_size)[0],
-            cu_seqlens, chunk_size, initial_state, q, k, v, g, beta.float())
+        def run(_, *packed):  # packed: chunk-aligned already
+            h0 = launch.initial_state(None, (1, H, K, V), q.device)
+            return _ChunkGatedDeltaRule.apply(*launch.pad_time(chunk_size, *packed), h0, scale, chunk_size)[0]
+
+        return packed_call(run, cu_seqlens, chunk_size, initial_state, q, k, v, g, beta.float())
     q, k, v, g, beta = launch.pad_time(chunk_size, q, k, v, g.float(), beta.float())
     h0 = launch.initial_state(initial_state, (B, H, K, V), q.device)
     o, ht = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, h0, scale, chunk_size)

@@ -336,9 +336,11 @@ def chunk_gla_triton(
         raise ValueError(f"the Triton GLA kernel takes key dims up to {TRITON_MAX_KEY_DIM}, got {K}")
     scale = K**-0.5 if scale is None else scale
     if cu_seqlens is not None:
-        return packed_call(lambda layout, *qkvg: _ChunkGLA.apply(
-            *launch.pad_time(chunk_size, *qkvg), launch.initial_state(None, (1, H, K, V), q.device), scale, chunk_size,
-            layout)[0], cu_seqlens, chunk_size, initial_state, q, k, v, g)
+        def run(layout, *packed):  # packed: chunk-aligned already
+            h0 = launch.initial_state(None, (1, H, K, V), q.device)
+            return _ChunkGLA.apply(*launch.pad_time(chunk_size, *packed), h0, scale, chunk_size, layout)[0]
+
+        return packed_call(run, cu_seqlens, chunk_size, initial_state, q, k, v, g)
     q, k, v, g = launch.pad_time(chunk_size, q, k, v, g.float())
     h0 = launch.initial_state(initial_state, (B, H, K, V), q.device)
     o, ht = _ChunkGLA.apply(q, k, v, g, h0, scale, chunk_size, None)
