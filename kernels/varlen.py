@@ -1,14 +1,16 @@
-"""Packed documents for the chunked linear recurrences (GLA, gated delta rule): every document in one call.
+"""Packed documents for the chunked recurrences (GLA, gated delta rule, mLSTM): every document in one call.
 
 flash-linear-attention's chunk kernels take `cu_seqlens` by giving each sequence its own chunks. Ours get
 the same from a layout, without a branch in any kernel: `ChunkAligned` lays a packed batch's documents
 out in one row, each starting on a chunk boundary and followed by 1 to L padding tokens (L the chunk),
 and gives the last padding token of each document the log decay RESET. Padding has q = k = v = 0 and
 beta = 0 (it writes nothing), and exp(RESET) is exactly 0 in fp32, so that token clears the state: the
-next document starts from zero, as if alone. RESET sits at the end of a chunk, after every real token of
-it, so the chunk-local cumulative decays of real tokens never contain it (no digits lost) and no
-exp(positive) is ever formed (the kernels take exp(b_t - b_s) with s <= t only). The forward and the
-backward are the unchanged kernels; the cost is at most L padding tokens per document.
+next document starts from zero, as if alone (the mLSTM's stabiliser too: after the reset slot
+m = max(RESET + m, i = 0) = 0, a fresh sequence's start). RESET sits at the end of a chunk, after every
+real token of it, so the chunk-local cumulative decays of real tokens never contain it (no digits lost);
+the kernels take exp(b_t - b_s) for s <= t only, masking the rest before the exp. The forward and the
+backward are the unchanged kernels (GLA's and the mLSTM's backward sum their decay gradients within
+each document, `reverse_cumsum`); the cost is at most L padding tokens per document.
 
 Layout as fla's: q (1, N, H, K) etc. over the N flattened tokens, cu_seqlens (D + 1,) [0, ..., N].
 """
@@ -35,15 +37,18 @@ class ChunkAligned:
         reset = torch.zeros(self.length, dtype=torch.bool)
         reset[ends - 1] = True
         self.reset = reset.to(device)
-        # The slot just after each slot's document: a reverse cumulative sum over the row restarts there.
-        self.doc_end = torch.repeat_interleave(ends, padded).to(device)
+        # Each slot's reset slot: a reverse cumulative sum over a document runs up to it, not through it (its
+        # decay is a constant, and the mLSTM's stabiliser makes d loss / d b there the opposite of the next
+        # document's first token's, so including it would leak that token's gradient back).
+        self.doc_end = torch.repeat_interleave(ends - 1, padded).to(device)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(1, N, ...) tokens -> (1, length, ...) chunk-aligned documents, zeros between them."""
         return x.new_zeros(self.length, *x.shape[2:]).index_copy(0, self.slots, x[0])[None]
 
     def pack_decay(self, g: torch.Tensor) -> torch.Tensor:
-        """Log decays (1, N, H[, K]) -> packed, with RESET at the end of every document's padding."""
+        """Log decays (1, N, H[, K]) -> packed, with RESET at the end of every document's padding. (The
+        mLSTM's forget-gate pre-activations too: logsigmoid(RESET) = RESET.)"""
         reset = self.reset.view(1, -1, *[1] * (g.dim() - 2))
         return torch.where(reset, RESET, self.pack(g.float()))
 
@@ -52,17 +57,21 @@ class ChunkAligned:
         return y[0].index_select(0, self.slots)[None]
 
     def reverse_cumsum(self, x: torch.Tensor) -> torch.Tensor:
-        """sum over t' >= t in t's document of x (1, length, ...), exact: in fp64, as a difference of suffix
-        sums over the row (the later documents' terms cancel to 0 in exact arithmetic only)."""
+        """sum over t' >= t in t's document of x (n, length, ...) (time on dim 1), exact: in fp64, as a
+        difference of suffix sums over the row (the later documents' terms cancel in exact arithmetic only)."""
         suffix = x.double().flip(1).cumsum(1).flip(1)
-        suffix = torch.cat([suffix, suffix.new_zeros(1, 1, *suffix.shape[2:])], dim=1)
-        return (suffix[:, :-1] - suffix.index_select(1, self.doc_end)).to(x.dtype)
+        return (suffix - suffix.index_select(1, self.doc_end)).to(x.dtype)
 
 
 @functools.lru_cache(maxsize=16)
 def _layout(cu_seqlens: tuple[int, ...], chunk_size: int, device) -> ChunkAligned:
     """One layout per batch and chunk size, shared by every layer (built on the CPU, copied once)."""
     return ChunkAligned(torch.tensor(cu_seqlens), chunk_size, device)
+
+
+def flip(t: torch.Tensor) -> torch.Tensor:
+    """Heads-first (1, NH, N, ...), the mLSTM's layout, <-> fla's time-first (1, N, NH, ...)."""
+    return t.transpose(1, 2)
 
 
 def packed_call(run, cu_seqlens, chunk_size: int, initial_state, q, k, v, g, *rest) -> tuple[torch.Tensor, None]:

@@ -34,7 +34,7 @@ class Block(nn.Module):
 
     def _mix_packed(self, x: torch.Tensor, docs: Documents) -> torch.Tensor:
         # A mixer with a varlen kernel keeps the documents apart itself (attention: flash-attn's varlen;
-        # Mamba-2: seq_idx; HGRN2, Gated DeltaNet: cu_seqlens); every other runs on each document alone
+        # Mamba-2: seq_idx; mLSTM, HGRN2, Gated DeltaNet: cu_seqlens); every other runs on each document alone
         # (models/documents.py), through its usual kernels.
         if hasattr(self.mixer, "forward_packed"):
             return self.mixer.forward_packed(x, docs)

@@ -26,18 +26,22 @@ def mlstm_chunkwise(
     initial_state: MLSTMState | None = None,
     chunk_size: int = 64,
     eps: float = 1e-6,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MLSTMState]:
     """Chunkwise mLSTM over a whole sequence, differentiable.
 
     q, k: (B, NH, T, DQK); v: (B, NH, T, DV); i_preact, f_preact: (B, NH, T) raw gate
     pre-activations; initial_state: (C (B,NH,DQK,DV), n (B,NH,DQK), m (B,NH,1)) fp32, or None.
-    Returns h (B, NH, T, DV) in q's dtype and the final fp32 state (C, n, m).
+    Returns h (B, NH, T, DV) in q's dtype and the final fp32 state (C, n, m). cu_seqlens: packed
+    documents (B = 1, the flattened tokens on the time axis; CPU int tensor), each a fresh sequence in
+    one call (kernels/varlen.py); then no final state (None).
     """
     if choose("mlstm", q).fast:
         from kernels.mlstm.triton import mlstm_chunkwise_triton
 
-        return mlstm_chunkwise_triton(q, k, v, i_preact, f_preact, initial_state, chunk_size, eps)
-    return reference.mlstm_chunkwise(q, k, v, i_preact, f_preact, initial_state, chunk_size, eps)
+        return mlstm_chunkwise_triton(q, k, v, i_preact, f_preact, initial_state, chunk_size, eps, cu_seqlens)
+    return reference.mlstm_chunkwise(q, k, v, i_preact, f_preact, initial_state, chunk_size, eps,
+                                     cu_seqlens=cu_seqlens)
 
 
 def mlstm_recurrent_step(

@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.varlen import flip, packed_call
+
 MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # C (B,NH,DQK,DV), n (B,NH,DQK), m (B,NH,1)
 
 
@@ -155,8 +157,13 @@ def mlstm_chunkwise(
     chunk_size: int = 64,
     eps: float = 1e-6,
     stabilizer_grad: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MLSTMState]:
     """Chunkwise mLSTM: quadratic inside a chunk, recurrent over chunk states.
+
+    cu_seqlens: packed documents (B = 1, the flattened tokens on the time axis), each run as a fresh
+    sequence, stabiliser included (kernels/varlen.py: after a reset slot C = n = 0 and m = 0 exactly); then
+    no final state (None).
 
     q, k: (B, NH, T, DQK); v: (B, NH, T, DV); i_preact, f_preact: (B, NH, T);
     initial_state: (C, n, m) or None. Returns h (B, NH, T, DV) in q's dtype and the final fp32 state.
@@ -168,6 +175,12 @@ def mlstm_chunkwise(
     check_inputs(q, k, v, i_preact, f_preact, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if cu_seqlens is not None:
+        def run(_, q, k, v, f, i):  # fla's time-first layout in and out
+            return flip(mlstm_chunkwise(*map(flip, (q, k, v, i, f)), None, chunk_size, eps, stabilizer_grad)[0])
+
+        h, _ = packed_call(run, cu_seqlens, chunk_size, initial_state, *map(flip, (q, k, v, f_preact, i_preact)))
+        return flip(h), None
     B, NH, T, DQK = q.shape
     DV = v.shape[-1]
     if initial_state is None:

@@ -40,6 +40,7 @@ import triton.language as tl
 from kernels import triton_launch as launch
 from kernels.mlstm.dispatch import TRITON_CHUNK_SIZES
 from kernels.mlstm.reference import MLSTMState, check_inputs
+from kernels.varlen import flip, packed_call
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
@@ -245,7 +246,8 @@ def _mlstm_bw_dqkv_kernel(
     inv_den = tl.where(valid, 1.0 / (tl.maximum(tl.abs(z), tl.exp(-m_row)) + eps), 0.0)
 
     causal = (tl.arange(0, L)[:, None] >= tl.arange(0, L)[None, :]) & valid[:, None]
-    w = tl.where(causal, tl.exp(b[:, None] - b[None, :] + i[None, :] - m_row[:, None]), 0.0)  # (L, L)
+    # Masked before exp, as in the forward: above the diagonal b_s > b_t can overflow (a reset slot's -1e4).
+    w = tl.exp(tl.where(causal, b[:, None] - b[None, :] + i[None, :] - m_row[:, None], float("-inf")))  # (L, L)
     w_row = tl.where(valid, tl.exp(b + m_c - m_row), 0.0) * scale  # weight of C_c in row t
     w_col = tl.exp(g - b + i - m_next)  # weight of token t in C_{c+1}; 0 on padding
 
@@ -377,8 +379,9 @@ def _mlstm_fw(q, k, v, i, f, c0, n0, m0, chunk_size, eps):
     return h, m_row, z, tuple(x.clone() for x in final)
 
 
-def _mlstm_bw(q, k, v, i, f, c0, n0, m0, h, m_row, z, dh, dcT, dnT, chunk_size, eps):
-    """Gradients of q, k, v, i, f and of the initial state (C, n, m); inputs contiguous."""
+def _mlstm_bw(q, k, v, i, f, c0, n0, m0, h, m_row, z, dh, dcT, dnT, chunk_size, eps, layout=None):
+    """Gradients of q, k, v, i, f and of the initial state (C, n, m); inputs contiguous; `layout`: packed
+    documents (kernels/varlen.py), whose d logf sums run within each document."""
     B, NH, T, DQK = q.shape
     DV = v.shape[-1]
     NC = triton.cdiv(T, chunk_size)
@@ -410,7 +413,8 @@ def _mlstm_bw(q, k, v, i, f, c0, n0, m0, h, m_row, z, dh, dcT, dnT, chunk_size, 
     # d loss / d logsigmoid(f_t): every weight exp(F_t' - F_s) with s <= t <= t' depends on it; the
     # final state scales as exp(F_T), giving <C_T, dC_T> + <n_T, dn_T> for every t.
     final_term = (cs[:, NC] * dcT.view(B * NH, DQK, DV)).sum((-2, -1)) + (ns[:, NC] * dnT.view(B * NH, DQK)).sum(-1)
-    dlogf = df_acc.flip(-1).cumsum(-1).flip(-1) + final_term[:, None]  # (BH, T)
+    suffix_sum = df_acc.flip(-1).cumsum(-1).flip(-1) if layout is None else layout.reverse_cumsum(df_acc)
+    dlogf = suffix_sum + final_term[:, None]  # (BH, T)
     df = (dlogf * torch.sigmoid(-f.float().view(B * NH, T))).view(B, NH, T).to(f.dtype)
     di = di.view(B, NH, T).to(i.dtype)
     dc0 = dcs[:, 0].view(B, NH, DQK, DV)
@@ -427,11 +431,11 @@ def _mlstm_bw(q, k, v, i, f, c0, n0, m0, h, m_row, z, dh, dcT, dnT, chunk_size, 
 
 class _MLSTMChunkwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, i, f, c0, n0, m0, chunk_size, eps):
+    def forward(ctx, q, k, v, i, f, c0, n0, m0, chunk_size, eps, layout=None):
         with launch.on_device(q):
             h, m_row, z, (cT, nT, mT) = _mlstm_fw(q, k, v, i, f, c0, n0, m0, chunk_size, eps)
         ctx.save_for_backward(q, k, v, i, f, c0, n0, m0, h, m_row, z)
-        ctx.chunk_size, ctx.eps = chunk_size, eps
+        ctx.chunk_size, ctx.eps, ctx.layout = chunk_size, eps, layout
         ctx.mark_non_differentiable(mT)
         return h, cT, nT, mT
 
@@ -442,8 +446,9 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dcT = torch.zeros_like(c0) if dcT is None else dcT.float().contiguous()
         dnT = torch.zeros_like(n0) if dnT is None else dnT.float().contiguous()
         with launch.on_device(q):
-            grads = _mlstm_bw(q, k, v, i, f, c0, n0, m0, h, m_row, z, dh, dcT, dnT, ctx.chunk_size, ctx.eps)
-        return (*grads, None, None)
+            grads = _mlstm_bw(q, k, v, i, f, c0, n0, m0, h, m_row, z, dh, dcT, dnT, ctx.chunk_size, ctx.eps,
+                              ctx.layout)
+        return (*grads, None, None, None)
 
 
 def mlstm_chunkwise_triton(
@@ -455,8 +460,11 @@ def mlstm_chunkwise_triton(
     initial_state: MLSTMState | None = None,
     chunk_size: int = 64,
     eps: float = 1e-6,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MLSTMState]:
-    """Chunkwise mLSTM with Triton kernels, differentiable in all inputs and the initial state.
+    """Chunkwise mLSTM with Triton kernels, differentiable in all inputs and the initial state. With
+    `cu_seqlens` (packed documents, B = 1, the flattened tokens on the time axis) each document runs as a
+    fresh sequence in one launch per kernel (kernels/varlen.py), and no final state is returned.
 
     q, k: (B, NH, T, DQK); v: (B, NH, T, DV) (one dtype: fp32, bf16 or fp16); i_preact, f_preact:
     (B, NH, T); initial_state: (C (B,NH,DQK,DV), n (B,NH,DQK), m (B,NH,1)) or None.
@@ -473,6 +481,15 @@ def mlstm_chunkwise_triton(
     launch.check_chunk(chunk_size, TRITON_CHUNK_SIZES)
     B, NH, T, DQK = q.shape
     DV = v.shape[-1]
+    if cu_seqlens is not None:
+        zeros = [torch.zeros(1, NH, *shape, dtype=torch.float32, device=q.device) for shape in ((DQK, DV), (DQK,), (1,))]
+
+        def run(layout, q, k, v, f, i):  # fla's time-first layout in and out
+            heads = (flip(t).contiguous() for t in (q, k, v, i, f))
+            return flip(_MLSTMChunkwise.apply(*heads, *zeros, chunk_size, eps, layout)[0])
+
+        h, _ = packed_call(run, cu_seqlens, chunk_size, initial_state, *map(flip, (q, k, v, f_preact, i_preact)))
+        return flip(h), None
     if initial_state is None:
         initial_state = (
             torch.zeros(B, NH, DQK, DV, dtype=torch.float32, device=q.device),

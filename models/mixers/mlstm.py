@@ -118,7 +118,16 @@ class MLSTMMixer(nn.Module):
         """Whole sequences of some heads -> h (B, T, NH, DV)."""
         return self._cell(q, k, v, i, f, None)[0]
 
-    def _cell(self, q, k, v, i, f, state: MLSTMState | None) -> tuple[torch.Tensor, MLSTMState]:
+    def mix_packed(self, q, k, v, i, f, docs) -> torch.Tensor:
+        """`mix` of packed documents in one call: the mLSTM kernels take cu_seqlens (kernels/varlen.py), each
+        document a fresh sequence, stabiliser included."""
+        h, _ = self._cell(*map(docs.flat, (q, k, v, i, f)), None, docs.cu_seqlens)
+        return docs.rows(h)
+
+    def forward_packed(self, x: torch.Tensor, docs) -> torch.Tensor:
+        return self.output(self.mix_packed(*self.project(x), docs), x)
+
+    def _cell(self, q, k, v, i, f, state: MLSTMState | None, cu_seqlens=None) -> tuple[torch.Tensor, MLSTMState]:
         h, state = mlstm_chunkwise(
             q.transpose(1, 2),  # (B, NH, T, DQK)
             k.transpose(1, 2),
@@ -128,6 +137,7 @@ class MLSTMMixer(nn.Module):
             initial_state=state,
             chunk_size=self.mlstm_cfg.chunk_size,
             eps=self.mlstm_cfg.eps,
+            cu_seqlens=cu_seqlens,
         )
         return h.transpose(1, 2), state  # h back to (B, T, NH, DV)
 

@@ -1,7 +1,8 @@
 """Packed documents (models/documents.py): a packed forward and backward equals running each document alone.
 
 For every family's tiny model (so every mixer, and BST's and SCOUT's hybrids, with the kernel paths the
-CPU takes: the references, Mamba-2's with seq_idx, HGRN2's and Gated DeltaNet's with cu_seqlens; the Triton
+CPU takes: the references, Mamba-2's with seq_idx, the mLSTM's, HGRN2's and Gated DeltaNet's with
+cu_seqlens; the Triton
 and CUDA-package paths take the same per-document batches, seq_idx or cu_seqlens, checked kernel by kernel
 in tests/kernels/test_varlen.py and test_cuda_packages.py): logits and every parameter gradient of a packed batch against each document run as its
 own sequence, in fp32 (fp32 rounding only: the batch shapes differ); a packed prefill gives each

@@ -95,7 +95,8 @@ def test_chunkwise_parallel_and_step_agree(T, monkeypatch):
     for s_chunk, s_step in zip(state, step_state, strict=True):
         assert rel_err(s_chunk, s_step) < 1e-5
 
-    def parallel(q, k, v, i, f, initial_state, chunk_size, eps):
+    def parallel(q, k, v, i, f, initial_state, chunk_size, eps, cu_seqlens=None):
+        assert cu_seqlens is None
         assert initial_state is None
         return mlstm_parallel(q, k, v, i, f, eps), None
 
