@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import yaml
 from harness import TINY, rel_err
 
+from kernels import backend
 from models import CausalLM, ModelConfig
 from models.documents import Documents, DocumentsError
 
@@ -45,9 +46,7 @@ def grads(model: CausalLM) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "every-letter"])
-def test_packed_forward_and_backward_equal_each_document_alone(family):
-    model = tiny_model(family)
+def assert_packed_equals_each_document_alone(model: CausalLM) -> None:
     ids, labels = torch.randint(0, model.cfg.vocab_size, (2, len(ROWS), T))
     lengths = torch.tensor([n for row in ROWS for n in row])
     cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
@@ -68,6 +67,19 @@ def test_packed_forward_and_backward_equal_each_document_alone(family):
     assert rel_err(packed_grads[worst], alone_grads[worst]) < 1e-5, worst  # measured <= 1.5e-6 (MoM)
     # Without the boundaries the later documents read the earlier ones: the test can see a leak.
     assert rel_err(model(ids).logits.flatten(0, 1), torch.cat(alone)) > 1e-3
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "every-letter"])
+def test_packed_forward_and_backward_equal_each_document_alone(family):
+    assert_packed_equals_each_document_alone(tiny_model(family))
+
+
+@pytest.mark.parametrize("family,op", [("xlstm", "mlstm"), ("hgrn2", "gla"), ("gated_deltanet", "delta_rule")])
+def test_packed_documents_through_our_triton_kernels(family, op):
+    """The same through the mixers with our Triton kernels (TRITON_INTERPRET=1 on the CPU), which take the
+    packed rows in one call with cu_seqlens (kernels/varlen.py), and the documents alone the usual way."""
+    with backend.using(overrides={op: "fast"}):
+        assert_packed_equals_each_document_alone(tiny_model(family))
 
 
 @torch.no_grad()
