@@ -69,11 +69,6 @@ def _layout(cu_seqlens: tuple[int, ...], chunk_size: int, device) -> ChunkAligne
     return ChunkAligned(torch.tensor(cu_seqlens), chunk_size, device)
 
 
-def flip(t: torch.Tensor) -> torch.Tensor:
-    """Heads-first (1, NH, N, ...), the mLSTM's layout, <-> fla's time-first (1, N, NH, ...)."""
-    return t.transpose(1, 2)
-
-
 def packed_call(run, cu_seqlens, chunk_size: int, initial_state, q, k, v, g, *rest) -> tuple[torch.Tensor, None]:
     """The varlen form of a chunk op: o (1, N, H, V) of `run(layout, q, k, v, g, *rest)` (the packed
     tensors, g with its resets; returns packed o), and no final state. Raises ValueError unless the call
@@ -88,3 +83,12 @@ def packed_call(run, cu_seqlens, chunk_size: int, initial_state, q, k, v, g, *re
     lay = _layout(tuple(cu_seqlens.tolist()), chunk_size, q.device)
     o = run(lay, lay.pack(q), lay.pack(k), lay.pack(v), lay.pack_decay(g), *(lay.pack(t) for t in rest))
     return lay.unpack(o), None
+
+
+def packed_call_heads_first(run, cu_seqlens, chunk_size: int, initial_state, q, k, v, f, *rest):
+    """`packed_call` for an op in the heads-first layout (1, NH, N, ...), the mLSTM's: `run` takes and returns
+    heads-first packed tensors (f, the forget-gate pre-activation, with its resets)."""
+    flip = lambda t: t.transpose(1, 2)  # noqa: E731 - heads-first <-> fla's time-first, where packing runs
+    h, _ = packed_call(lambda layout, *packed: flip(run(layout, *map(flip, packed))), cu_seqlens, chunk_size,
+                       initial_state, *map(flip, (q, k, v, f, *rest)))
+    return flip(h), None

@@ -11,7 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import choose, fast_function
-from kernels.causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref, padded_seq_idx
+from kernels.causal_conv1d.reference import (
+    causal_conv1d_ref,
+    causal_conv1d_update_ref,
+    last_document_state,
+    padded_seq_idx,
+)
 
 WIDTHS = (2, 3, 4)  # what causal-conv1d's kernels take (models/config.py checks it)
 
@@ -60,9 +65,9 @@ def conv_with(fn, x, weight, bias, initial_state, activation, seq_idx=None):
         y = fn(x, weight, bias, seq_idx=seq_idx.to(torch.int32).contiguous(), initial_states=initial_state,
                activation=activation)
         width = weight.shape[1]
-        tail = padded_seq_idx(seq_idx, width, initial_state is not None)[:, -(width - 1):] == seq_idx[:, -1:]
         before = x.new_zeros(*x.shape[:2], width - 1) if initial_state is None else initial_state
-        state = torch.cat([before, x], dim=-1)[..., -(width - 1):] * tail[:, None].to(x.dtype)
+        state = last_document_state(torch.cat([before, x[..., -(width - 1):]], dim=-1),
+                                    padded_seq_idx(seq_idx, width, initial_state is not None), seq_idx, width)
     return (y[:, :channels], state[:, :channels]) if pad else (y, state)
 
 

@@ -46,8 +46,7 @@ def causal_conv1d_ref(
     y = torch.einsum("bctw,btw,cw->bct", windows, same.to(weight.dtype), weight)
     if bias is not None:
         y = y + bias[:, None]
-    tail = seq_padded[:, -(width - 1):] == seq_idx[:, -1:]  # (B, W-1): the last document's own inputs
-    return _activate(y, activation).to(x.dtype), x_padded[..., -(width - 1):] * tail[:, None].to(x.dtype)
+    return _activate(y, activation).to(x.dtype), last_document_state(x_padded, seq_padded, seq_idx, width)
 
 
 def padded_seq_idx(seq_idx: torch.Tensor, width: int, has_initial_state: bool) -> torch.Tensor:
@@ -55,6 +54,14 @@ def padded_seq_idx(seq_idx: torch.Tensor, width: int, has_initial_state: bool) -
     an initial state; none, -1, from zero padding), then seq_idx."""
     before = seq_idx[:, :1] if has_initial_state else torch.full_like(seq_idx[:, :1], -1)
     return torch.cat([before.expand(-1, width - 1), seq_idx], dim=-1)
+
+
+def last_document_state(x_padded: torch.Tensor, seq_padded: torch.Tensor, seq_idx: torch.Tensor,
+                        width: int) -> torch.Tensor:
+    """The final state under seq_idx: the last W-1 inputs of x_padded (B, C, W-1+T), zero where they belong
+    to another document than the row's last (seq_padded: `padded_seq_idx`)."""
+    tail = seq_padded[:, -(width - 1):] == seq_idx[:, -1:]  # (B, W-1)
+    return x_padded[..., -(width - 1):] * tail[:, None].to(x_padded.dtype)
 
 
 def causal_conv1d_update_ref(

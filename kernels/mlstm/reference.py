@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.varlen import flip, packed_call
+from kernels.varlen import packed_call_heads_first
 
 MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # C (B,NH,DQK,DV), n (B,NH,DQK), m (B,NH,1)
 
@@ -176,11 +176,9 @@ def mlstm_chunkwise(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if cu_seqlens is not None:
-        def run(_, q, k, v, f, i):  # fla's time-first layout in and out
-            return flip(mlstm_chunkwise(*map(flip, (q, k, v, i, f)), None, chunk_size, eps, stabilizer_grad)[0])
-
-        h, _ = packed_call(run, cu_seqlens, chunk_size, initial_state, *map(flip, (q, k, v, f_preact, i_preact)))
-        return flip(h), None
+        return packed_call_heads_first(
+            lambda _, q, k, v, f, i: mlstm_chunkwise(q, k, v, i, f, None, chunk_size, eps, stabilizer_grad)[0],
+            cu_seqlens, chunk_size, initial_state, q, k, v, f_preact, i_preact)
     B, NH, T, DQK = q.shape
     DV = v.shape[-1]
     if initial_state is None:

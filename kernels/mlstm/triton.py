@@ -40,7 +40,7 @@ import triton.language as tl
 from kernels import triton_launch as launch
 from kernels.mlstm.dispatch import TRITON_CHUNK_SIZES
 from kernels.mlstm.reference import MLSTMState, check_inputs
-from kernels.varlen import flip, packed_call
+from kernels.varlen import packed_call_heads_first
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
@@ -484,12 +484,11 @@ def mlstm_chunkwise_triton(
     if cu_seqlens is not None:
         zeros = [torch.zeros(1, NH, *shape, dtype=torch.float32, device=q.device) for shape in ((DQK, DV), (DQK,), (1,))]
 
-        def run(layout, q, k, v, f, i):  # fla's time-first layout in and out
-            heads = (flip(t).contiguous() for t in (q, k, v, i, f))
-            return flip(_MLSTMChunkwise.apply(*heads, *zeros, chunk_size, eps, layout)[0])
+        def run(layout, q, k, v, f, i):
+            heads = (t.contiguous() for t in (q, k, v, i, f))
+            return _MLSTMChunkwise.apply(*heads, *zeros, chunk_size, eps, layout)[0]
 
-        h, _ = packed_call(run, cu_seqlens, chunk_size, initial_state, *map(flip, (q, k, v, f_preact, i_preact)))
-        return flip(h), None
+        return packed_call_heads_first(run, cu_seqlens, chunk_size, initial_state, q, k, v, f_preact, i_preact)
     if initial_state is None:
         initial_state = (
             torch.zeros(B, NH, DQK, DV, dtype=torch.float32, device=q.device),
