@@ -53,6 +53,11 @@ class ParallelConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     precision: Literal["fp32", "bf16"] = Field("bf16", description="Parameter and activation precision.")
     sequence_parallel_size: int = Field(1, gt=0, description="DeepSpeed-Ulysses sequence-parallel group size.")
+    context_parallel_size: int = Field(
+        1, gt=0, description="Context-parallel group size: every sequence is cut into this many contiguous pieces, "
+        "one per rank, with recurrent states (attention: keys and values) passed between them "
+        "(train/context_parallel.py). No head-count limit; world = data x sequence x context parallel.",
+    )
     timeout_minutes: float = Field(
         10.0, gt=0, description="Collective timeout: a rank waiting longer on a dead peer fails the job."
     )
@@ -133,36 +138,41 @@ class RunConfig(Section):
 
     def check_world_size(self, world_size: int) -> None:
         """Checks that only make sense once the number of ranks is known (still before any process group)."""
-        sp = self.parallel.sequence_parallel_size
-        if world_size % sp:
+        sp, cp = self.parallel.sequence_parallel_size, self.parallel.context_parallel_size
+        if world_size % (sp * cp):
             raise ConfigError(
-                f"parallel.sequence_parallel_size={sp} does not divide the world size {world_size}; "
-                "launch a multiple of it or change it"
+                f"parallel.sequence_parallel_size x parallel.context_parallel_size = {sp} x {cp} does not divide the "
+                f"world size {world_size}; launch a multiple of it or change them"
             )
         try:
-            self.data.grad_accum_steps(world_size // sp)
+            self.data.grad_accum_steps(world_size // (sp * cp))
         except ValueError as e:
             raise ConfigError(f"data: {e}") from None
-        if sp > 1:
-            self._check_sequence_parallel(sp)
+        if sp * cp > 1:
+            self._check_sequence_split(sp, cp)
 
-    def _check_sequence_parallel(self, sp: int) -> None:
+    def _check_sequence_split(self, sp: int, cp: int) -> None:
         shortest = self.data.min_len if self.data.mode == "decompose" else self.data.seq_len
-        if shortest % sp:
-            key = "data.min_len" if self.data.mode == "decompose" else "data.seq_len"
+        key = "data.min_len" if self.data.mode == "decompose" else "data.seq_len"
+        if shortest % (sp * cp):
             raise ConfigError(
-                f"{key}={shortest}: every sequence length must divide by parallel.sequence_parallel_size={sp} "
-                f"(each SP rank holds T / {sp} tokens); raise {key} or lower the SP size"
+                f"{key}={shortest}: every sequence length must divide by parallel.sequence_parallel_size x "
+                f"parallel.context_parallel_size = {sp * cp} (each rank holds T / {sp * cp} tokens); raise {key} "
+                "or lower the sizes"
             )
         import torch
 
         from models import CausalLM
+        from train.context_parallel import check_context_parallel
         from train.sequence_parallel import check_sequence_parallel
 
         with torch.device("meta"):  # free: no weights are allocated
             model = CausalLM(self.model)
         try:
-            check_sequence_parallel(model, sp)
+            if sp > 1:
+                check_sequence_parallel(model, sp)
+            if cp > 1:
+                check_context_parallel(model, cp, shortest // cp, key, packed=self.data.packs_documents, sp=sp)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

@@ -21,7 +21,9 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict[str, Any]:
         "train_batch_size": micro * accum * dp_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "sequence_parallel_size": cfg.parallel.sequence_parallel_size,
+        # Every rank that holds a share of the same sequences, Ulysses or context parallel: DeepSpeed reduces
+        # gradients over data x this.
+        "sequence_parallel_size": cfg.parallel.sequence_parallel_size * cfg.parallel.context_parallel_size,
         "bf16": {"enabled": cfg.parallel.precision == "bf16"},
         # Our AdamW is torch's; DeepSpeed only vouches for its own optimizers under ZeRO.
         "zero_allow_untested_optimizer": True,

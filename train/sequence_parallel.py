@@ -174,6 +174,7 @@ class UlyssesMixer:
     """Mixin placed before a mixer's class: its forward runs the mixer through `SequenceParallel.run`."""
 
     sp: SequenceParallel
+    splits_sequence = True  # `unsplit` takes it off
 
     def forward(self, x: torch.Tensor, state=None):
         if state is not None:
@@ -215,10 +216,10 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
 
 @contextmanager
 def unsplit(model: nn.Module):
-    """The model's own mixers for the duration: every rank runs whole sequences (in-training eval)."""
-    wrapped = [(b.mixer, type(b.mixer)) for b in model.blocks if isinstance(b.mixer, UlyssesMixer)]
+    """The model's own mixers for the duration: every rank runs whole sequences (in-training eval), under SP or CP."""
+    wrapped = [(b.mixer, type(b.mixer)) for b in model.blocks if getattr(b.mixer, "splits_sequence", False)]
     for mixer, cls in wrapped:
-        mixer.__class__ = cls.__bases__[1]  # (UlyssesMixer, the mixer's class)
+        mixer.__class__ = cls.__bases__[1]  # (UlyssesMixer or ContextParallelMixer, the mixer's class)
     try:
         yield model
     finally:

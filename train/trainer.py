@@ -16,7 +16,7 @@ from data import TrainBatches, check_vocab_fits
 from eval.periodic import evaluate_during_training
 from models import CausalLM
 from models.lm import LMOutput
-from train import checkpoint, sequence_parallel
+from train import checkpoint, context_parallel, sequence_parallel
 from train.config import RunConfig
 from train.deepspeed_config import deepspeed_config
 from train.distributed import init_distributed, shutdown
@@ -58,7 +58,9 @@ def _logged_values(result: "StepResult", grad_norm) -> dict:
 
 @dataclass
 class Parallel:
-    """Where this rank sits: data-parallel replica dp_rank of dp_size, and rank sp_rank of its SP group."""
+    """Where this rank sits: data-parallel replica dp_rank of dp_size; within it, rank sp_rank of its Ulysses
+    (SP) group and cp_rank of its context-parallel (CP) group. The sp x cp ranks of a replica read the same
+    batch; rank cp_rank * sp + sp_rank of them holds that contiguous share of every sequence."""
 
     rank: int
     world: int
@@ -67,22 +69,45 @@ class Parallel:
     sp_rank: int = 0
     sp_size: int = 1
     sp_group: object = None
+    cp_rank: int = 0
+    cp_size: int = 1
+    cp_group: object = None
     mpu: object = None
     loss_scale: float = 1.0
+
+    @property
+    def seq_rank(self) -> int:
+        return self.cp_rank * self.sp_size + self.sp_rank
+
+    @property
+    def seq_size(self) -> int:
+        return self.sp_size * self.cp_size
 
 
 def setup_parallel(cfg: RunConfig) -> Parallel:
     rank, _, world = init_distributed(cfg.parallel.timeout_minutes)
     cfg.check_world_size(world)
-    sp = cfg.parallel.sequence_parallel_size
-    if sp == 1:
+    sp, cp = cfg.parallel.sequence_parallel_size, cfg.parallel.context_parallel_size
+    if sp * cp == 1:
         return Parallel(rank, world, dp_rank=rank, dp_size=world)
     from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
 
-    mpu.initialize_sequence_parallel(sp)  # SP groups are consecutive ranks: [0, 1], [2, 3], ...
-    return Parallel(rank, world, dp_rank=rank // sp, dp_size=world // sp, sp_rank=mpu.get_sequence_parallel_rank(),
-                    sp_size=sp, sp_group=mpu.get_sequence_parallel_group(), mpu=mpu,
-                    loss_scale=sequence_parallel.loss_scale(cfg.parallel.zero_stage, sp))
+    # DeepSpeed sees one sequence-splitting group of sp x cp consecutive ranks ([0, 1], [2, 3], ...): it reduces
+    # gradients and partitions ZeRO over data x sequence ranks, as for Ulysses alone. Inside it, the Ulysses
+    # groups are consecutive ranks and the CP groups strided by sp. Every rank creates every group.
+    mpu.initialize_sequence_parallel(sp * cp)
+    seq_rank, base = rank % (sp * cp), rank - rank % (sp * cp)
+    sp_group = cp_group = None
+    for start in range(0, world, sp * cp):
+        for c in range(cp):
+            group = dist.new_group([start + c * sp + s for s in range(sp)]) if sp > 1 else None
+            sp_group = group if start == base and c == seq_rank // sp else sp_group
+        for s in range(sp):
+            group = dist.new_group([start + c * sp + s for c in range(cp)]) if cp > 1 else None
+            cp_group = group if start == base and s == seq_rank % sp else cp_group
+    return Parallel(rank, world, dp_rank=rank // (sp * cp), dp_size=world // (sp * cp), sp_rank=seq_rank % sp,
+                    sp_size=sp, sp_group=sp_group, cp_rank=seq_rank // sp, cp_size=cp, cp_group=cp_group, mpu=mpu,
+                    loss_scale=sequence_parallel.loss_scale(cfg.parallel.zero_stage, sp * cp))
 
 
 def current_device() -> torch.device:
@@ -107,6 +132,11 @@ def build_engine(cfg: RunConfig, par: Parallel) -> TrainEngine:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     if par.sp_size > 1:
         sequence_parallel.apply_sequence_parallel(model, par.sp_group)
+    if par.cp_size > 1:
+        context_parallel.apply_context_parallel(model, par.cp_group)
+        if par.rank == 0:
+            log.info("context parallelism over %d ranks, layers by mode: %s", par.cp_size,
+                     context_parallel.describe(model))
     optimizer = build_optimizer(model, cfg.optim)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=par.mpu)
     recorder = checkpoint.Recorder()
@@ -117,8 +147,8 @@ def build_engine(cfg: RunConfig, par: Parallel) -> TrainEngine:
 def forward(engine, micro_batch: dict[str, torch.Tensor], par: Parallel) -> LMOutput:
     """The model on this rank's tokens of the micro batch; `loss` is their mean (plus any auxiliary loss)."""
     row_length = micro_batch["input_ids"].shape[1]
-    if par.sp_size > 1:
-        micro_batch = sequence_parallel.shard_sequence(micro_batch, par.sp_rank, par.sp_size)
+    if par.seq_size > 1:
+        micro_batch = sequence_parallel.shard_sequence(micro_batch, par.seq_rank, par.seq_size)
     ids, labels = (micro_batch[k].to(engine.device) for k in ("input_ids", "labels"))
     # Packed documents (data.separate_documents): the boundaries stay on the host, where they are checked.
     return engine(ids, labels=labels, cu_seqlens=micro_batch.get("cu_seqlens"), row_length=row_length,

@@ -176,6 +176,39 @@ class GatedDeltaNetMixer(nn.Module):
         o, recurrent = delta_rule_step(q, k, v.unflatten(-1, (-1, self.head_v_dim)), g, beta, state.recurrent)
         return self._out(o, x_t), GDNState(recurrent, (cq, ck, cv))
 
+    # Context parallelism (train/context_parallel.py). Over a piece the state maps as S -> P S + (own writes),
+    # P the product of exp(g_t) (I - beta_t k_t k_t^T): a (K, K) matrix per value head, read off the kernel
+    # itself by running the piece with zero values from the identity state. The convolutions start from the
+    # previous piece's last conv_size - 1 inputs.
+    @property
+    def cp_halo_tokens(self) -> int:
+        return self.conv_size - 1
+
+    def _conv_states(self, tail: torch.Tensor | None):
+        if tail is None:
+            return (None, None, None)
+        return tuple(t.flatten(-2).transpose(1, 2) for t in self._project(tail)[:3])
+
+    def cp_empty(self, x: torch.Tensor, tail: torch.Tensor) -> GDNState:
+        recurrent = torch.zeros(x.shape[0], self.n_v_heads, self.head_k_dim, self.head_v_dim, device=x.device)
+        return GDNState(recurrent, self._conv_states(tail))
+
+    def cp_transition(self, x: torch.Tensor, tail) -> tuple[torch.Tensor]:
+        q, k, _, a, b = self._project(x)
+        convs = self._conv_states(tail)
+        q, k = (conv(t.flatten(-2), s)[0] for conv, t, s in zip((self.q_conv1d, self.k_conv1d), (q, k), convs))
+        q, k = self._per_value_head(*(l2_normalize(t.unflatten(-1, (-1, self.head_k_dim))) for t in (q, k)))
+        g, beta = self._gates(a, b, slice(0, self.n_v_heads))
+        b_, hv, kd = x.shape[0], self.n_v_heads, self.head_k_dim
+        eye = torch.eye(kd, device=x.device).expand(b_, hv, kd, kd).contiguous()
+        # S_T = P S_0 + (writes): with v = 0 the writes vanish, so S_0 = I gives S_T = P.
+        _, p = chunk_gated_delta_rule(q, k, torch.zeros_like(k), g, beta, initial_state=eye, chunk_size=self.chunk_size)
+        return (p,)  # (B, HV, K, K)
+
+    @staticmethod
+    def cp_carry(state: GDNState, own: GDNState, transition) -> GDNState:
+        return GDNState(own.recurrent + transition[0] @ state.recurrent, own.conv)
+
     # Sequence parallelism (train/sequence_parallel.py): convolutions, gates and the recurrence are per head, so
     # one all-to-all of the projections gives each rank whole sequences of its heads (its query/key heads and
     # the value heads they serve), and one brings the outputs back to the local tokens.

@@ -63,6 +63,10 @@ class HGRN2Mixer(nn.Module):
         """Called by CausalLM with every layer's mixer: the HGRN2 ones share the softmax over depth."""
         self._peers = [m for m in mixers if isinstance(m, HGRN2Mixer)]
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters of other layers this one reads (the peers' lower bounds)."""
+        return [m.lower_bound for m in self._peers if m is not self and m.lower_bound is not None]
+
     def _forget_bound(self) -> torch.Tensor | None:
         """This layer's lower bound on the forget gate (forget_dim,), or None in the first HGRN2 layer."""
         depth = next(i for i, m in enumerate(self._peers) if m is self)
@@ -123,6 +127,19 @@ class HGRN2Mixer(nn.Module):
         q, k, v, g = self._qkvg(x)  # (B, T, H, dk) x3 with g, v (B, T, H, dv)
         o, state = chunk_gla(q, k, v, g, initial_state=state, chunk_size=self.chunk_size)
         return self._out(o), state
+
+    # Context parallelism (train/context_parallel.py): over a piece the state decays by exp(sum of g).
+    cp_halo_tokens = 0
+
+    def cp_empty(self, x: torch.Tensor, tail) -> None:
+        return None  # the zero state
+
+    def cp_transition(self, x: torch.Tensor, tail) -> tuple[torch.Tensor]:
+        return (self._qkvg(x)[3].sum(1).exp(),)  # (B, H, expand_ratio)
+
+    @staticmethod
+    def cp_carry(state: torch.Tensor, own: torch.Tensor, transition) -> torch.Tensor:
+        return own + transition[0][..., None] * state
 
     def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v, g = self._qkvg(x_t)  # (B, H, d)

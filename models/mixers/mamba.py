@@ -159,6 +159,29 @@ class MambaMixer(nn.Module):
         )
         return self.out_proj(y.transpose(1, 2)), SSMState(conv_state, ssm_state)
 
+    # Context parallelism (train/context_parallel.py): the SSM state decays by exp(A * sum(dt)) per channel and
+    # state dimension over a piece; the convolution starts from the previous piece's last d_conv - 1 inputs.
+    @property
+    def cp_halo_tokens(self) -> int:
+        return self.cfg.d_conv - 1
+
+    def _conv_state(self, tail: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tail is None else self.in_proj(tail).chunk(2, dim=-1)[0].transpose(1, 2)
+
+    def cp_empty(self, x: torch.Tensor, tail: torch.Tensor) -> SSMState:
+        ssm = torch.zeros(x.shape[0], self.d_inner, self.cfg.d_state, device=x.device, dtype=torch.float32)
+        return SSMState(self._conv_state(tail), ssm)
+
+    def cp_transition(self, x: torch.Tensor, tail) -> tuple[torch.Tensor]:
+        u, _ = self.conv1d(self.in_proj(x).chunk(2, dim=-1)[0], self._conv_state(tail))
+        dt, _, _, dt_bias = self._scan_inputs(u)
+        dt = F.softplus(dt.float() + dt_bias).sum(1)  # (B, d_inner), as the scan sees it
+        return ((self.A * dt[..., None]).exp(),)  # (B, d_inner, d_state)
+
+    @staticmethod
+    def cp_carry(state: SSMState, own: SSMState, transition) -> SSMState:
+        return SSMState(own.conv, own.ssm + transition[0] * state.ssm)
+
     # Sequence parallelism (train/sequence_parallel.py). Mamba-1 has no heads: the d_inner channels are split
     # over the SP ranks instead. The convolution and the scan are per channel, but x_proj reads every
     # channel to make the (dt, B, C) all channels share, so each rank projects its own channels and the

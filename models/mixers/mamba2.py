@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.ssd import ssd, ssd_step
+from kernels.ssd.reference import process_dt
 from models.config import ModelConfig
 from models.flops import chunk_width, linear
 from models.mixers.mamba import ShortConv, SSMState, exclude_from_weight_decay, softplus_inverse_dt
@@ -148,6 +149,29 @@ class Mamba2Mixer(nn.Module):
     def forward_packed(self, x: torch.Tensor, docs) -> torch.Tensor:
         """Packed documents in one call over the rows: the convolution and the SSD take `seq_idx`."""
         return self(x, seq_idx=docs.seq_idx)[0]
+
+    # Context parallelism (train/context_parallel.py): the SSM state decays by exp(A sum(dt)) per head over a
+    # piece; the convolution starts from the previous piece's last d_conv - 1 inputs.
+    @property
+    def cp_halo_tokens(self) -> int:
+        return self.cfg.d_conv - 1
+
+    def _conv_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return self.in_proj(x).split([self.d_inner, self.conv1d.in_channels, self.n_heads], dim=-1)[1]
+
+    def cp_empty(self, x: torch.Tensor, tail: torch.Tensor) -> SSMState:
+        m = self.cfg
+        ssm = torch.zeros(x.shape[0], self.n_heads, m.headdim, m.d_state, device=x.device, dtype=torch.float32)
+        return SSMState(self._conv_inputs(tail).transpose(1, 2), ssm)
+
+    def cp_transition(self, x: torch.Tensor, tail) -> tuple[torch.Tensor]:
+        dt = self.in_proj(x)[..., -self.n_heads:]
+        dt = process_dt(dt, self.dt_bias, True, self.cfg.dt_limit)  # (B, T, H) as the SSD sees it
+        return ((self.A * dt.sum(1)).exp(),)  # (B, H)
+
+    @staticmethod
+    def cp_carry(state: SSMState, own: SSMState, transition) -> SSMState:
+        return SSMState(own.conv, own.ssm + transition[0][..., None, None] * state.ssm)
 
     def step(self, x_t: torch.Tensor, state: SSMState) -> tuple[torch.Tensor, SSMState]:
         """x_t (B, d_model) -> y_t (B, d_model), state after this token."""

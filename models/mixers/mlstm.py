@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.mlstm import MLSTMState, mlstm_chunkwise, mlstm_recurrent_step, zero_state
+from kernels.varlen import RESET
 from models.config import ModelConfig
 from models.flops import chunk_width, linear
 
@@ -148,6 +149,28 @@ class MLSTMMixer(nn.Module):
         q, k, v, i, f = self.project(x)
         h, state = self._cell(q, k, v, i, f, state)
         return self.output(h, x), state
+
+    # Context parallelism (train/context_parallel.py). C and n are stored divided by exp(m), and the
+    # unstabilised state is linear: over a piece, exp(m) C -> exp(F) exp(m0) C0 + (the piece's own writes),
+    # F the piece's summed log forget gates. A piece's own contribution starts from an empty state whose
+    # stabiliser is RESET (exp underflows to 0), so its final m is the max over the piece's own writes alone,
+    # and the true m is max(F + m0, that): both combine exactly in log space.
+    cp_halo_tokens = 0
+
+    def cp_empty(self, x: torch.Tensor, tail) -> MLSTMState:
+        c, n, m = zero_state(x.shape[0], self.n_heads, self.qk_head_dim, self.v_head_dim, x.device)
+        return c, n, m.fill_(RESET)
+
+    def cp_transition(self, x: torch.Tensor, tail) -> tuple[torch.Tensor]:
+        f = self._project(x)[4]  # (B, T, NH) soft-capped pre-activations
+        return (F.logsigmoid(f.float()).sum(1)[..., None],)  # (B, NH, 1)
+
+    @staticmethod
+    def cp_carry(state: MLSTMState, own: MLSTMState, transition) -> MLSTMState:
+        (c0, n0, m0), (c, n, m), (log_f,) = state, own, transition
+        m_new = torch.maximum(log_f + m0, m)
+        old, new = torch.exp(log_f + m0 - m_new), torch.exp(m - m_new)  # (B, NH, 1)
+        return old[..., None] * c0 + new[..., None] * c, old * n0 + new * n, m_new
 
     def step(self, x_t: torch.Tensor, state: MLSTMState) -> tuple[torch.Tensor, MLSTMState]:
         q, k, v, i, f = self._project(x_t)  # (B, NH, DQK) ... (B, NH)

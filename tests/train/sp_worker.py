@@ -2,8 +2,9 @@
 
     torchrun --nproc_per_node 2 tests/train/sp_worker.py CASES.json
 
-CASES.json: [{"config": ..., "overrides": [KEY=VALUE, ...], "out": OUT.pt, "packed": bool}, ...], all with
-the same sequence-parallel size ("packed": the batch carries PACKED_CU_SEQLENS); one job runs them all (a process group and a DeepSpeed engine per case cost ~7 s on
+CASES.json: [{"config": ..., "overrides": [KEY=VALUE, ...], "out": OUT.pt, "packed": bool, "seq_len": T}, ...],
+all with the same sequence- and context-parallel sizes ("packed": the batch carries PACKED_CU_SEQLENS; T: the
+fixed batch's length, 64 by default); one job runs them all (a process group and a DeepSpeed engine per case cost ~7 s on
 2 cores). For each, rank 0 saves the global mean loss and every parameter's full gradient (gathered from
 ZeRO partitions), so a test can compare sequence parallelism against the unsplit model in one process.
 """
@@ -37,18 +38,28 @@ def fixed_batch(vocab: int, batch: int = 2, seq_len: int = 64, packed: bool = Fa
     return out
 
 
-def run_case(config: str, overrides: list[str], out: str, packed: bool = False, par=None):
+def run_case(config: str, overrides: list[str], out: str, packed: bool = False, seq_len: int = 64,
+             micro_batches: int = 1, par=None):
+    """micro_batches > 1: gradient accumulation over that many micro batches of 2 rows on each data-parallel
+    replica; the replicas and micro batches take consecutive rows of one fixed batch (fixed_rows)."""
     cfg = load_config(config, overrides, world_size=int(os.environ["WORLD_SIZE"]))
     if par is None:
         par = setup_parallel(cfg)  # the SP groups once per job
-    par = dataclasses.replace(par, loss_scale=sequence_parallel.loss_scale(cfg.parallel.zero_stage, par.sp_size))
+    par = dataclasses.replace(par, loss_scale=sequence_parallel.loss_scale(cfg.parallel.zero_stage, par.seq_size))
     engine = build_engine(cfg, par).engine
-    loss = forward(engine, fixed_batch(cfg.model.vocab_size, packed=packed), par).loss
-    engine.backward(loss * par.loss_scale)
+    batch = fixed_batch(cfg.model.vocab_size, batch=2 * par.dp_size * micro_batches, seq_len=seq_len, packed=packed)
+    losses = []
+    for i in range(micro_batches):
+        rows = slice(2 * (par.dp_rank * micro_batches + i), 2 * (par.dp_rank * micro_batches + i + 1))
+        loss = forward(engine, {k: v if k == "cu_seqlens" else v[rows] for k, v in batch.items()}, par).loss
+        engine.backward(loss * par.loss_scale)
+        losses.append(loss.detach())
+        if i < micro_batches - 1:
+            engine.step()  # not an accumulation boundary: counts the micro batch, updates nothing
     from deepspeed.utils import safe_get_full_grad
 
     grads = {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters()}
-    mean_loss = loss.detach().clone()
+    mean_loss = torch.stack(losses).mean()
     dist.all_reduce(mean_loss)
     if par.rank == 0:
         torch.save({"loss": mean_loss.item() / par.world, "grads": grads}, out)
@@ -60,7 +71,8 @@ def main() -> None:
     par = None
     linear = torch.nn.functional.linear
     for case in json.loads(Path(sys.argv[1]).read_text()):
-        par = run_case(case["config"], case["overrides"], case["out"], case.get("packed", False), par)
+        par = run_case(case["config"], case["overrides"], case["out"], case.get("packed", False),
+                       case.get("seq_len", 64), case.get("micro_batches", 1), par)
         # ZeRO-3's zero.Init swaps F.linear for its own for the rest of the process: later cases get the
         # function a fresh job would.
         torch.nn.functional.linear = linear

@@ -45,28 +45,37 @@ SPLITS = {
 PACKED = [*(f"{split}-2" for split in SPLITS if "-" not in split), "hybrid-every-mixer-2", "hybrid-every-mixer-3"]
 
 
-def reference(cfg, packed: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+def reference(cfg, packed: bool = False, seq_len: int = 64, rows: int = 2) -> tuple[float, dict[str, torch.Tensor]]:
+    """The unsplit model on one process: mean loss and gradients over micro batches of 2 rows (the rows of
+    every replica's every micro batch), as gradient accumulation takes them. Per micro batch, not over all
+    rows at once: MoM's load-balancing loss is not linear in the batch."""
     sys.path.insert(0, str(ROOT / "tests" / "train"))
     from sp_worker import fixed_batch
 
     torch.manual_seed(cfg.seed)
     model = CausalLM(cfg.model)
-    batch = fixed_batch(cfg.model.vocab_size, packed=packed)
-    loss = model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch.get("cu_seqlens")).loss
-    loss.backward()
+    batch = fixed_batch(cfg.model.vocab_size, batch=rows, seq_len=seq_len, packed=packed)
+    total = 0.0
+    for start in range(0, rows, 2):
+        micro = {k: v if k == "cu_seqlens" else v[start:start + 2] for k, v in batch.items()}
+        loss = model(micro["input_ids"], labels=micro["labels"], cu_seqlens=micro.get("cu_seqlens")).loss / (rows // 2)
+        loss.backward()
+        total += loss.item()
     # An unused parameter (the first HGRN2 layer's lower bound) has no gradient here and zeros under DeepSpeed.
-    return loss.item(), {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()}
+    return total, {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()}
 
 
-def run_sp(cases: dict[str, tuple], tmp: Path) -> dict[str, dict]:
-    """name -> (config, overrides): every case in one 2-rank SP=2 job (tests/train/sp_worker.py); names
-    starting with 'packed-' run on packed documents."""
-    common = ["parallel.sequence_parallel_size=2", "parallel.precision=fp32",
+def run_sp(cases: dict[str, tuple], tmp: Path, split: str = "parallel.sequence_parallel_size=2", nproc: int = 2,
+           seq_len: int = 64, micro_batches: int = 1) -> dict[str, dict]:
+    """name -> (config, overrides): every case in one SP=2 job on nproc ranks (tests/train/sp_worker.py), or
+    whatever split `split` sets; names starting with 'packed-' run on packed documents."""
+    common = [split, "parallel.precision=fp32",
               "data.tokens_per_step=512"]  # one micro batch: gradients are reduced at once
     jobs = [{"config": str(config), "overrides": [*common, *overrides], "out": str(tmp / f"{name}.pt"),
-             "packed": name.startswith("packed-")} for name, (config, overrides) in cases.items()]
+             "packed": name.startswith("packed-"), "seq_len": seq_len, "micro_batches": micro_batches}
+            for name, (config, overrides) in cases.items()]
     (tmp / "cases.json").write_text(json.dumps(jobs))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), "--master_addr", "127.0.0.1", str(ROOT / "tests" / "train" / "sp_worker.py"),
            str(tmp / "cases.json")]
     proc = subprocess.run(cmd, env=job_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -99,9 +108,10 @@ def test_sp2_on_packed_documents_matches_the_unsplit_model(name, sp_results):
     assert_matches_unsplit(name[:-2], int(name[-1]), sp_results[f"packed-{name}"], packed=True)
 
 
-def assert_matches_unsplit(split: str, zero_stage: int, result: dict, packed: bool) -> None:
-    config, overrides = case(split, zero_stage)
-    loss, grads = reference(load_config(config, ["parallel.precision=fp32", *overrides]), packed)
+def assert_matches_unsplit(split: str | None, zero_stage: int, result: dict, packed: bool, seq_len: int = 64,
+                           config: tuple | None = None, rows: int = 2) -> None:
+    config, overrides = config or case(split, zero_stage)
+    loss, grads = reference(load_config(config, ["parallel.precision=fp32", *overrides]), packed, seq_len, rows)
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
     assert result["grads"].keys() == grads.keys()
     for name, grad in grads.items():

@@ -1,0 +1,110 @@
+"""Context parallelism on real gloo ranks: CP=2 gives the loss and every gradient of the unsplit model for
+every family and pattern letter under ZeRO-2 and ZeRO-3, the config checks stop a bad split before any process
+group, and a model whose heads Ulysses cannot split trains with CP=4."""
+
+import shutil
+import sys
+
+import pytest
+from harness import ROOT, TINY, ZERO3_PARTITION_ALL
+
+from train.config import ConfigError, load_config
+
+sys.path.insert(0, str(ROOT / "tests" / "train"))
+from test_sequence_parallel import SPLITS, assert_matches_unsplit, run_sp  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# Every family and letter: attention (A), sliding window (W, a window that reaches across pieces), mLSTM (X),
+# Mamba (M), Mamba-2 (m), HGRN2 (H), MoM (R), BST (B), SCOUT (S), Gated DeltaNet (G), and one hybrid of all.
+FAMILIES = ["transformer", "xlstm", "mamba", "mamba2", "hgrn2", "mom", "bst", "scout", "gated_deltanet",
+            "hybrid-every-mixer"]
+CASES = {name: SPLITS[name] for name in FAMILIES}
+CASES["sliding_window"] = ("transformer", ["model.pattern=W", "model.sliding_window.window=16"])
+# 48 tokens in 2 pieces of 24: not a multiple of any family's chunk (16, 32, 64).
+SEQ_LEN = 48
+
+
+def case(name: str, zero_stage: int):
+    config, overrides = CASES[name]
+    zero = [f"parallel.zero_stage={zero_stage}"] + ([ZERO3_PARTITION_ALL] if zero_stage == 3 else [])
+    return TINY / f"{config}.yaml", [*zero, *overrides]
+
+
+@pytest.fixture(scope="module")
+def cp_results(tmp_path_factory) -> dict[str, dict]:
+    cases = {f"{name}-{stage}": case(name, stage) for stage in (2, 3) for name in CASES}
+    return run_sp(cases, tmp_path_factory.mktemp("cp"), split="parallel.context_parallel_size=2", seq_len=SEQ_LEN)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+@pytest.mark.parametrize("name", CASES)
+def test_cp2_matches_the_unsplit_model(name, zero_stage, cp_results):
+    config, overrides = case(name, zero_stage)
+    assert_matches_unsplit(None, zero_stage, cp_results[f"{name}-{zero_stage}"], packed=False, seq_len=SEQ_LEN,
+                           config=(config, overrides))
+
+
+def test_bad_context_parallel_configs_stop_before_any_process_group():
+    cp2 = "parallel.context_parallel_size=2"
+    with pytest.raises(ConfigError, match="does not divide the world size 3"):
+        load_config(TINY / "xlstm.yaml", [cp2], world_size=3)
+    with pytest.raises(ConfigError, match="data.seq_len=127"):
+        load_config(TINY / "xlstm.yaml", [cp2, "data.mode=concat", "data.seq_len=127", "data.tokens_per_step=2032"],
+                    world_size=2)
+    with pytest.raises(ConfigError, match="short convolution needs the previous piece's last 3 inputs"):
+        load_config(TINY / "mamba2.yaml", ["parallel.context_parallel_size=4", "data.mode=concat", "data.seq_len=8",
+                                           "data.tokens_per_step=32", "data.micro_batch_size=1"], world_size=4)
+    with pytest.raises(ConfigError, match="packed documents"):
+        load_config(TINY / "xlstm.yaml", [cp2, "data.mode=concat", "data.separate_documents=true"], world_size=2)
+
+
+def test_two_heads_train_with_cp4_where_ulysses_cannot_split_them(train):
+    # 2 mLSTM heads: Ulysses over 4 ranks is refused; CP=4 cuts each 128-token sequence into 4 pieces of 32
+    # (the middle pieces pass their predecessors' state on, through the carry).
+    with pytest.raises(ConfigError, match="model.n_heads=2, not divisible by parallel.sequence_parallel_size=4"):
+        load_config(TINY / "xlstm.yaml", ["model.n_heads=2", "parallel.sequence_parallel_size=4"], world_size=4)
+    run = train(TINY / "xlstm.yaml", "model.n_heads=2", "parallel.context_parallel_size=4", "schedule.steps=30",
+                nproc=4)
+    assert "context parallelism over 4 ranks" in run.output
+    assert run.losses[-1] < run.losses[0] - 0.5, run.losses
+
+
+@pytest.mark.parametrize("split", ["parallel.context_parallel_size=2", "parallel.sequence_parallel_size=2"])
+def test_two_replicas_of_a_split_with_accumulation_match_the_unsplit_model(split, tmp_path):
+    # 4 ranks = 2 data-parallel replicas x a split of 2, 2 micro batches of 2 rows each per replica: the loss
+    # scaling over replicas and accumulation (DeepSpeed divides by both) and the sum over the split's ranks.
+    # The every-letter hybrid under ZeRO-2, and the xLSTM under ZeRO-3 with every parameter partitioned.
+    cases = {"hybrid-every-mixer-2": case("hybrid-every-mixer", 2), "xlstm-3": case("xlstm", 3)}
+    accumulate = ["data.tokens_per_step=2048"]  # 4 x 128 tokens x 2 replicas x 2 micro batches
+    cases = {name: (config, [*overrides, *accumulate]) for name, (config, overrides) in cases.items()}
+    results = run_sp(cases, tmp_path, split=split, nproc=4, seq_len=SEQ_LEN, micro_batches=2)
+    for name, (config, overrides) in cases.items():
+        assert_matches_unsplit(None, int(name[-1]), results[name], packed=False, seq_len=SEQ_LEN,
+                               config=(config, overrides), rows=8)
+
+
+def test_cp2_run_resumes_from_its_last_checkpoint_exactly(train, tmp_path):
+    # Mamba-2 (a state and a convolution halo cross the ranks) under ZeRO-3 with every parameter partitioned.
+    overrides = ["parallel.context_parallel_size=2", "parallel.zero_stage=3", ZERO3_PARTITION_ALL,
+                 "parallel.precision=fp32", "schedule.steps=6", "schedule.warmup_steps=2", "checkpoint.every=3",
+                 "logging.every=1"]
+    full = train(TINY / "mamba2.yaml", *overrides)
+    expected = {r["step"]: r["loss"] for r in full.records if "loss" in r}
+    shutil.rmtree(full.run_dir / "checkpoints" / "step_00000006")  # as if killed before the last save
+    resumed = train(TINY / "mamba2.yaml", *overrides, run_dir=full.run_dir, extra=["--resume", "auto"])
+    assert "step_00000003" in resumed.output
+    after = [r for r in resumed.records if "loss" in r][len(expected):]  # the resumed run's own lines
+    assert [r["step"] for r in after] == [4, 5, 6]
+    assert [r["loss"] for r in after] == pytest.approx([expected[s] for s in (4, 5, 6)], rel=1e-6)
+
+
+def test_context_parallel_bench_measures_the_analytic_bytes():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import context_parallel as bench
+
+    checks = bench.byte_checks(shapes={"tiny xLSTM": ("tiny", "xlstm"), "tiny Mamba-2": ("tiny", "mamba2")})
+    kinds = {what.split(" T=")[0] for _, what, _, _ in checks}
+    assert {"state passing CP=2", "state passing CP=8"} <= kinds and any(k.startswith("Ulysses") for k in kinds)
+    for shape, what, got, want in checks:
+        assert got == want > 0, (shape, what)
