@@ -92,9 +92,12 @@ def state_numbers(mixer, cp: int, tokens: int, d_model: int) -> int:
     x = torch.randn(1, tokens, d_model)
     n = sum(t.numel() for t in flatten_state(mixer.init_state(1)))
     if cp > 2:
-        tail = x[:, -mixer.cp_halo_tokens:] if mixer.cp_halo_tokens else None
-        n += sum(t.numel() for t in mixer.cp_transition(x, tail))
-        n += mixer.cp_halo_tokens * d_model  # the halo's own all-gather
+        # What the exchange runs on: the projections of the heads (`cp_core`), or the mixer's input.
+        inputs = mixer.project(x) if hasattr(mixer, "cp_core") else [x]
+        tail = [t[:, -mixer.cp_halo_tokens:] for t in inputs] if mixer.cp_halo_tokens else None
+        n += sum(t.numel() for t in mixer.cp_transition(inputs if hasattr(mixer, "cp_core") else x,
+                                                         tail if tail is None or len(inputs) > 1 else tail[0]))
+        n += sum(t.numel() for t in tail or [])  # the halo's own all-gather
     return n
 
 

@@ -25,6 +25,11 @@ has heads. CP cuts the sequence instead; what crosses ranks depends on the mixer
   MoM's capacity routing and BST's and SCOUT's block-wise contexts need per-family state passing that is
   not written yet. The run's console and train.log say which layers do this.
 
+With Ulysses inside each piece (SP x CP): attention's all-gather runs inside DistributedAttention on its heads'
+share, and mixers whose exchange runs on their heads (`cp_core`: mLSTM, HGRN2, Gated DeltaNet) pass the state
+of that share
+after Ulysses' all-to-all; the others run gathered over the sp x cp ranks.
+
 Like Ulysses, the wrapper is applied from outside by swapping the mixer's class for a subclass, so parameter
 names and checkpoints do not change.
 """
@@ -37,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.sequence_parallel import AllGather
+from train.sequence_parallel import AllGather, SequenceParallel
 
 
 def flatten_state(state) -> list[torch.Tensor]:
@@ -60,11 +65,14 @@ def unflatten_state(template, tensors: list[torch.Tensor]):
 
 
 class ContextParallel:
-    """One CP group and the exchanges a mixer makes on it (see the module docstring)."""
+    """One CP group and the exchanges a mixer makes on it (see the module docstring). `sp`: the Ulysses split
+    inside each piece, if any; `seq_group`: every rank holding a share of the same sequences (sp x cp)."""
 
-    def __init__(self, group):
-        self.group = group
+    def __init__(self, group, seq_group=None, sp: SequenceParallel | None = None):
+        self.group, self.sp = group, sp
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.seq_group = seq_group or group
+        self.seq_size, self.seq_rank = dist.get_world_size(self.seq_group), dist.get_rank(self.seq_group)
 
     def all_gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Every rank's piece, in rank order along `dim`: by default (B, T/cp, ...) -> (B, T, ...)."""
@@ -80,34 +88,51 @@ class ContextParallel:
         return [[piece.view(t.shape).to(t.dtype) for piece, t in zip(row.split(sizes), tensors)] for row in gathered]
 
     def offset(self, piece_length: int) -> int:
-        """The absolute position of this rank's first token."""
+        """The absolute position of this rank's piece's first token."""
         return self.rank * piece_length
 
     def run(self, mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The mixer's output for this rank's piece x (B, T/cp, D)."""
-        if hasattr(mixer, "cp_forward"):  # attention: keys and values across pieces
-            return mixer.cp_forward(x, self)
-        if hasattr(mixer, "cp_carry"):
+        """The mixer's output for this rank's tokens x (B, T / (sp cp), D)."""
+        mode = cp_mode(mixer, self.sp is not None)
+        if mode == "attention":  # keys and values across pieces, inside Ulysses' head split if any
+            local = lambda q, k, v: mixer.cp_mix(q, k, v, self)  # noqa: E731
+            heads = mixer.project(x)
+            return mixer.output(local(*heads) if self.sp is None else self.sp.attention(local, *heads), x)
+        if mode == "state passing":
             return self.pass_state(mixer, x)
-        t = x.shape[1]  # gathered: the whole sequence on every rank
-        return mixer.own_forward(self.all_gather(x))[0][:, self.rank * t:(self.rank + 1) * t]
+        t = x.shape[1]  # gathered: the whole sequence on every rank of the sequence's group
+        whole = AllGather.apply(x, 1, self.seq_group)
+        return mixer.own_forward(whole)[0][:, self.seq_rank * t:(self.seq_rank + 1) * t]
 
     def pass_state(self, mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        first, last, middle = self.rank == 0, self.rank == self.size - 1, 0 < self.rank < self.size - 1
-        forward, exchanged = mixer.own_forward, []
-        tail = None
-        if self.size > 2 and mixer.cp_halo_tokens:  # for the middle pieces' own runs and transitions
-            (tails,) = zip(*self.gather_flat([x[:, -mixer.cp_halo_tokens:]]))
-            tail, exchanged = (tails[self.rank - 1] if middle else None), [*tails]
-        if first:
-            y, own = forward(x)  # from the sequence's start: its final state is the true one
-        elif last:  # nobody reads the last piece's contribution: zeros of the state's shapes
-            own = mixer.init_state(x.shape[0], x.device, x.dtype)
+        # What the exchange runs on: a mixer's whole forward on its piece, or (`cp_core`) its sequence mixing on
+        # the projections of its heads, after Ulysses' all-to-all when the piece is split further.
+        if hasattr(mixer, "cp_core"):
+            inputs = mixer.project(x)
+            if self.sp is not None:
+                inputs = [self.sp.seq_to_heads(t) for t in inputs]
+            core = lambda state=None: mixer.cp_core(inputs, state, self.sp)  # noqa: E731
+            zeros = mixer.cp_zeros(inputs)
         else:
-            own = forward(x, mixer.cp_empty(x, tail))[1]
+            inputs, core = x, (lambda state=None: mixer.own_forward(x, state))
+            zeros = mixer.init_state(x.shape[0], x.device, x.dtype)
+        first, last, middle = self.rank == 0, self.rank == self.size - 1, 0 < self.rank < self.size - 1
+        tail, exchanged = None, []
+        if self.size > 2 and mixer.cp_halo_tokens:  # for the middle pieces' own runs and transitions
+            ends = [t[:, -mixer.cp_halo_tokens:] for t in (inputs if isinstance(inputs, list | tuple) else [inputs])]
+            tails = self.gather_flat(ends)
+            tail = tails[self.rank - 1] if middle else None
+            tail = tail[0] if tail is not None and isinstance(inputs, torch.Tensor) else tail
+            exchanged = [t for row in tails for t in row]
+        if first:
+            y, own = core()  # from the sequence's start: its final state is the true one
+        elif last:  # nobody reads the last piece's contribution: zeros of the state's shapes
+            own = zeros
+        else:
+            own = core(mixer.cp_empty(inputs, tail))[1]
         sent = flatten_state(own)
         if self.size > 2:  # the middle pieces pass their predecessors' state on through their transitions
-            sent += list(mixer.cp_transition(x, tail))
+            sent += list(mixer.cp_transition(inputs, tail, self.sp))
         if last:
             sent = [t.detach().requires_grad_() for t in sent]  # so that this rank joins the backward's collective
         rows = self.gather_flat(sent)
@@ -115,10 +140,13 @@ class ContextParallel:
         n = len(flatten_state(own))
         owns = [unflatten_state(own, row[:n]) for row in rows]
         if not first:
-            y = forward(x, start_state(mixer, owns, [row[n:] for row in rows], self.rank))[0]
+            y = core(start_state(mixer, owns, [row[n:] for row in rows], self.rank))[0]
         # Every rank's output depends on every exchanged tensor (with zero gradient where unused), so every rank
         # runs each exchange's backward collective.
-        return Tie.apply(y, *exchanged)
+        y = Tie.apply(y, *exchanged)
+        if hasattr(mixer, "cp_core"):
+            y = mixer.output(y if self.sp is None else self.sp.heads_to_seq(y), x)
+        return y
 
 
 class Tie(torch.autograd.Function):
@@ -160,14 +188,16 @@ class ContextParallelMixer:
         return super().forward(x, state)
 
 
-def cp_mode(mixer: nn.Module) -> str:
-    """How a mixer runs under CP: 'attention', 'state passing' or 'gathered' (module docstring)."""
-    if hasattr(mixer, "cp_forward"):
+def cp_mode(mixer: nn.Module, with_sp: bool = False) -> str:
+    """How a mixer runs under CP (with Ulysses inside the pieces or not): 'attention', 'state passing' or
+    'gathered' (module docstring)."""
+    if hasattr(mixer, "cp_mix"):
         return "attention"
-    return "state passing" if hasattr(mixer, "cp_carry") else "gathered"
+    passes_state = hasattr(mixer, "cp_core") if with_sp else hasattr(mixer, "cp_carry")
+    return "state passing" if passes_state else "gathered"
 
 
-def apply_context_parallel(model: nn.Module, group) -> None:
+def apply_context_parallel(model: nn.Module, group, seq_group=None, sp_group=None) -> None:
     """Wraps every mixer. Each is also a ZeRO-3 leaf module: its parameters are gathered once when its forward
     (and backward) starts, not by each submodule. The ranks call submodules at different points of the
     exchange (rank 0 before the all-gather, the others after), and ZeRO-3's per-submodule gathers are
@@ -177,7 +207,7 @@ def apply_context_parallel(model: nn.Module, group) -> None:
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
     from deepspeed.utils import set_z3_leaf_modules
 
-    cp = ContextParallel(group)
+    cp = ContextParallel(group, seq_group, None if sp_group is None else SequenceParallel(sp_group))
     for block in model.blocks:
         cls = type(block.mixer)
         block.mixer.__class__ = type(f"ContextParallel{cls.__name__}", (ContextParallelMixer, cls), {})
@@ -195,11 +225,8 @@ def check_context_parallel(model: nn.Module, cp: int, shortest_piece: int, lengt
         raise ValueError("data.separate_documents (packed documents) under context parallelism is not supported "
                          "yet: the states would have to stop at document boundaries across ranks; use "
                          "data.mode=decompose (no chunk mixes documents) or parallel.context_parallel_size=1")
-    if sp > 1:
-        raise ValueError("context parallelism together with Ulysses sequence parallelism is not supported yet; "
-                         "set parallel.sequence_parallel_size=1 or parallel.context_parallel_size=1")
     for i, block in enumerate(model.blocks):
-        halo = getattr(block.mixer, "cp_halo_tokens", 0) if cp_mode(block.mixer) == "state passing" else 0
+        halo = getattr(block.mixer, "cp_halo_tokens", 0) if cp_mode(block.mixer, sp > 1) == "state passing" else 0
         if shortest_piece < max(halo, 1):
             raise ValueError(
                 f"layer {i} ({type(block.mixer).__name__}): the shortest piece under context parallelism is "
@@ -212,5 +239,5 @@ def describe(model: nn.Module) -> dict[str, list[int]]:
     """How each layer runs under CP (cp_mode) -> the layers, for the run's log."""
     modes: dict[str, list[int]] = {}
     for i, block in enumerate(model.blocks):
-        modes.setdefault(cp_mode(block.mixer), []).append(i)
+        modes.setdefault(cp_mode(block.mixer, block.mixer.cp.sp is not None), []).append(i)
     return modes

@@ -72,6 +72,7 @@ class Parallel:
     cp_rank: int = 0
     cp_size: int = 1
     cp_group: object = None
+    seq_group: object = None  # the sp x cp ranks of one replica
     mpu: object = None
     loss_scale: float = 1.0
 
@@ -106,7 +107,8 @@ def setup_parallel(cfg: RunConfig) -> Parallel:
             group = dist.new_group([start + c * sp + s for c in range(cp)]) if cp > 1 else None
             cp_group = group if start == base and s == seq_rank % sp else cp_group
     return Parallel(rank, world, dp_rank=rank // (sp * cp), dp_size=world // (sp * cp), sp_rank=seq_rank % sp,
-                    sp_size=sp, sp_group=sp_group, cp_rank=seq_rank // sp, cp_size=cp, cp_group=cp_group, mpu=mpu,
+                    sp_size=sp, sp_group=sp_group, cp_rank=seq_rank // sp, cp_size=cp, cp_group=cp_group,
+                    seq_group=mpu.get_sequence_parallel_group(), mpu=mpu,
                     loss_scale=sequence_parallel.loss_scale(cfg.parallel.zero_stage, sp * cp))
 
 
@@ -130,13 +132,13 @@ def build_engine(cfg: RunConfig, par: Parallel) -> TrainEngine:
     else:
         model = CausalLM(cfg.model)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    if par.sp_size > 1:
-        sequence_parallel.apply_sequence_parallel(model, par.sp_group)
-    if par.cp_size > 1:
-        context_parallel.apply_context_parallel(model, par.cp_group)
+    if par.cp_size > 1:  # with Ulysses inside each piece when sp > 1
+        context_parallel.apply_context_parallel(model, par.cp_group, par.seq_group, par.sp_group)
         if par.rank == 0:
-            log.info("context parallelism over %d ranks, layers by mode: %s", par.cp_size,
-                     context_parallel.describe(model))
+            log.info("context parallelism over %d ranks (Ulysses over %d inside each piece), layers by mode: %s",
+                     par.cp_size, par.sp_size, context_parallel.describe(model))
+    elif par.sp_size > 1:
+        sequence_parallel.apply_sequence_parallel(model, par.sp_group)
     optimizer = build_optimizer(model, cfg.optim)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=par.mpu)
     recorder = checkpoint.Recorder()

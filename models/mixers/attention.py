@@ -104,17 +104,17 @@ class AttentionMixer(nn.Module):
         local = self.mix if docs is None else lambda q, k, v: self.mix_packed(q, k, v, docs)
         return self.output(sp.attention(local, *self.project(x)), x)
 
-    def cp_forward(self, x: torch.Tensor, cp) -> torch.Tensor:
-        """Context parallelism (train/context_parallel.py): this rank's piece x (B, T/cp, D) -> (B, T/cp, D).
-        Keys and values of every piece are all-gathered; queries read them at their absolute positions
-        (causal mask across pieces), and a window reads only the keys it covers."""
-        q, k, v = (t.transpose(1, 2) for t in self.project(x))  # (B, h, T/cp, hd)
-        offset = cp.offset(x.shape[1])
+    def cp_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp) -> torch.Tensor:
+        """Context parallelism (train/context_parallel.py): `mix` of this rank's piece, (B, T/cp, h, hd) each ->
+        (B, T/cp, h, hd). Keys and values of every piece are all-gathered; queries read them at their absolute
+        positions (causal mask across pieces), and a window reads only the keys it covers."""
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T/cp, hd)
+        offset = cp.offset(q.shape[2])
         q, k = self._rope(q, k, offset)
-        end = offset + x.shape[1]
+        end = offset + q.shape[2]
         start = 0 if self.window is None else max(0, offset - self.window + 1)
         k, v = (cp.all_gather(t, dim=2)[:, :, start:end] for t in (k, v))
-        return self.output(self._attend(q, k, v, offset - start), x)
+        return self._attend(q, k, v, offset - start)
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         q, k, v = (t.transpose(1, 2) for t in self.project(x))  # (B, h, T, hd)

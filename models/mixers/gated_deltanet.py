@@ -176,34 +176,51 @@ class GatedDeltaNetMixer(nn.Module):
         o, recurrent = delta_rule_step(q, k, v.unflatten(-1, (-1, self.head_v_dim)), g, beta, state.recurrent)
         return self._out(o, x_t), GDNState(recurrent, (cq, ck, cv))
 
-    # Context parallelism (train/context_parallel.py). Over a piece the state maps as S -> P S + (own writes),
-    # P the product of exp(g_t) (I - beta_t k_t k_t^T): a (K, K) matrix per value head, read off the kernel
-    # itself by running the piece with zero values from the identity state. The convolutions start from the
-    # previous piece's last conv_size - 1 inputs.
+    # Context parallelism (train/context_parallel.py). The exchange runs on the heads `project` gives (all, or
+    # a Ulysses rank's share: `sp`). Over a piece the state maps as S -> P S + (own writes), P the product of
+    # exp(g_t) (I - beta_t k_t k_t^T): a (K, K) matrix per value head, read off the kernel itself by running the
+    # piece with zero values from the identity state. The convolutions start from the previous piece's last
+    # conv_size - 1 inputs (`tail`: those of the projections).
     @property
     def cp_halo_tokens(self) -> int:
         return self.conv_size - 1
 
-    def _conv_states(self, tail: torch.Tensor | None):
-        if tail is None:
-            return (None, None, None)
-        return tuple(t.flatten(-2).transpose(1, 2) for t in self._project(tail)[:3])
+    def project(self, x: torch.Tensor):
+        return self._project(x)
 
-    def cp_empty(self, x: torch.Tensor, tail: torch.Tensor) -> GDNState:
-        recurrent = torch.zeros(x.shape[0], self.n_v_heads, self.head_k_dim, self.head_v_dim, device=x.device)
-        return GDNState(recurrent, self._conv_states(tail))
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._out(o, x)
 
-    def cp_transition(self, x: torch.Tensor, tail) -> tuple[torch.Tensor]:
-        q, k, _, a, b = self._project(x)
-        convs = self._conv_states(tail)
-        q, k = (conv(t.flatten(-2), s)[0] for conv, t, s in zip((self.q_conv1d, self.k_conv1d), (q, k), convs))
+    def _heads(self, sp) -> tuple[slice, slice]:
+        if sp is None:
+            return slice(0, self.n_heads), slice(0, self.n_v_heads)
+        return sp.local(self.n_heads), sp.local(self.n_v_heads)
+
+    def cp_core(self, heads, state: GDNState | None, sp=None):
+        return self._mix(*heads, *self._heads(sp), state)
+
+    def cp_zeros(self, heads, tail=None) -> GDNState:
+        q, _, v, _, _ = heads  # (B, T, h, K), (B, T, hv, V)
+        recurrent = torch.zeros(q.shape[0], v.shape[2], self.head_k_dim, self.head_v_dim, device=q.device)
+        w = self.conv_size - 1
+        convs = tuple(torch.zeros(q.shape[0], t.shape[2] * t.shape[3], w, device=q.device, dtype=t.dtype)
+                      for t in heads[:3]) if tail is None else tuple(t.flatten(-2).transpose(1, 2) for t in tail[:3])
+        return GDNState(recurrent, convs)
+
+    def cp_empty(self, heads, tail) -> GDNState:
+        return self.cp_zeros(heads, tail)
+
+    def cp_transition(self, heads, tail, sp=None) -> tuple[torch.Tensor]:
+        (h, hv), conv_states = self._heads(sp), self.cp_zeros(heads, tail).conv
+        q, k, _, a, b = heads
+        rows = slice(h.start * self.head_k_dim, h.stop * self.head_k_dim)
+        q, k = (conv(t.flatten(-2), s, rows)[0] for conv, t, s in zip((self.q_conv1d, self.k_conv1d), (q, k), conv_states))
         q, k = self._per_value_head(*(l2_normalize(t.unflatten(-1, (-1, self.head_k_dim))) for t in (q, k)))
-        g, beta = self._gates(a, b, slice(0, self.n_v_heads))
-        b_, hv, kd = x.shape[0], self.n_v_heads, self.head_k_dim
-        eye = torch.eye(kd, device=x.device).expand(b_, hv, kd, kd).contiguous()
+        g, beta = self._gates(a, b, hv)
+        eye = torch.eye(self.head_k_dim, device=q.device).expand(q.shape[0], q.shape[2], -1, -1).contiguous()
         # S_T = P S_0 + (writes): with v = 0 the writes vanish, so S_0 = I gives S_T = P.
         _, p = chunk_gated_delta_rule(q, k, torch.zeros_like(k), g, beta, initial_state=eye, chunk_size=self.chunk_size)
-        return (p,)  # (B, HV, K, K)
+        return (p,)  # (B, hv, K, K)
 
     @staticmethod
     def cp_carry(state: GDNState, own: GDNState, transition) -> GDNState:

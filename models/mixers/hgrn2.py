@@ -128,14 +128,22 @@ class HGRN2Mixer(nn.Module):
         o, state = chunk_gla(q, k, v, g, initial_state=state, chunk_size=self.chunk_size)
         return self._out(o), state
 
-    # Context parallelism (train/context_parallel.py): over a piece the state decays by exp(sum of g).
+    # Context parallelism (train/context_parallel.py): over a piece the state decays by exp(sum of g). The
+    # exchange runs on the GLA of the heads `project` gives (all, or a Ulysses rank's share).
     cp_halo_tokens = 0
 
-    def cp_empty(self, x: torch.Tensor, tail) -> None:
+    def cp_core(self, heads, state: torch.Tensor | None, sp=None):
+        return chunk_gla(*heads, initial_state=state, chunk_size=self.chunk_size)
+
+    def cp_zeros(self, heads) -> torch.Tensor:
+        q, _, v, _ = heads  # (B, T, h, expand_ratio), (B, T, h, d_model / H)
+        return zero_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.device)
+
+    def cp_empty(self, heads, tail) -> None:
         return None  # the zero state
 
-    def cp_transition(self, x: torch.Tensor, tail) -> tuple[torch.Tensor]:
-        return (self._qkvg(x)[3].sum(1).exp(),)  # (B, H, expand_ratio)
+    def cp_transition(self, heads, tail, sp=None) -> tuple[torch.Tensor]:
+        return (heads[3].sum(1).exp(),)  # (B, h, expand_ratio)
 
     @staticmethod
     def cp_carry(state: torch.Tensor, own: torch.Tensor, transition) -> torch.Tensor:

@@ -172,7 +172,7 @@ class MambaMixer(nn.Module):
         ssm = torch.zeros(x.shape[0], self.d_inner, self.cfg.d_state, device=x.device, dtype=torch.float32)
         return SSMState(self._conv_state(tail), ssm)
 
-    def cp_transition(self, x: torch.Tensor, tail) -> tuple[torch.Tensor]:
+    def cp_transition(self, x: torch.Tensor, tail, sp=None) -> tuple[torch.Tensor]:
         u, _ = self.conv1d(self.in_proj(x).chunk(2, dim=-1)[0], self._conv_state(tail))
         dt, _, _, dt_bias = self._scan_inputs(u)
         dt = F.softplus(dt.float() + dt_bias).sum(1)  # (B, d_inner), as the scan sees it

@@ -164,7 +164,7 @@ class Mamba2Mixer(nn.Module):
         ssm = torch.zeros(x.shape[0], self.n_heads, m.headdim, m.d_state, device=x.device, dtype=torch.float32)
         return SSMState(self._conv_inputs(tail).transpose(1, 2), ssm)
 
-    def cp_transition(self, x: torch.Tensor, tail) -> tuple[torch.Tensor]:
+    def cp_transition(self, x: torch.Tensor, tail, sp=None) -> tuple[torch.Tensor]:
         dt = self.in_proj(x)[..., -self.n_heads:]
         dt = process_dt(dt, self.dt_bias, True, self.cfg.dt_limit)  # (B, T, H) as the SSD sees it
         return ((self.A * dt.sum(1)).exp(),)  # (B, H)

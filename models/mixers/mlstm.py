@@ -155,15 +155,23 @@ class MLSTMMixer(nn.Module):
     # F the piece's summed log forget gates. A piece's own contribution starts from an empty state whose
     # stabiliser is RESET (exp underflows to 0), so its final m is the max over the piece's own writes alone,
     # and the true m is max(F + m0, that): both combine exactly in log space.
+    # The exchange runs on the cell of the heads `project` gives (all, or a Ulysses rank's share).
     cp_halo_tokens = 0
 
-    def cp_empty(self, x: torch.Tensor, tail) -> MLSTMState:
-        c, n, m = zero_state(x.shape[0], self.n_heads, self.qk_head_dim, self.v_head_dim, x.device)
+    def cp_core(self, heads, state: MLSTMState | None, sp=None):
+        return self._cell(*heads, state)
+
+    def cp_zeros(self, heads) -> MLSTMState:
+        q, _, v, _, _ = heads  # (B, T, h, DQK), (B, T, h, DV)
+        return zero_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], q.device)
+
+    def cp_empty(self, heads, tail) -> MLSTMState:
+        c, n, m = self.cp_zeros(heads)
         return c, n, m.fill_(RESET)
 
-    def cp_transition(self, x: torch.Tensor, tail) -> tuple[torch.Tensor]:
-        f = self._project(x)[4]  # (B, T, NH) soft-capped pre-activations
-        return (F.logsigmoid(f.float()).sum(1)[..., None],)  # (B, NH, 1)
+    def cp_transition(self, heads, tail, sp=None) -> tuple[torch.Tensor]:
+        f = heads[4]  # (B, T, h) soft-capped pre-activations
+        return (F.logsigmoid(f.float()).sum(1)[..., None],)  # (B, h, 1)
 
     @staticmethod
     def cp_carry(state: MLSTMState, own: MLSTMState, transition) -> MLSTMState:

@@ -108,3 +108,16 @@ def test_context_parallel_bench_measures_the_analytic_bytes():
     assert {"state passing CP=2", "state passing CP=8"} <= kinds and any(k.startswith("Ulysses") for k in kinds)
     for shape, what, got, want in checks:
         assert got == want > 0, (shape, what)
+
+
+def test_cp2_times_sp2_on_four_ranks_matches_the_unsplit_model(tmp_path):
+    # Ulysses inside each of the 2 pieces: the mLSTM (and HGRN2, Gated DeltaNet in the hybrid) pass the state of
+    # their heads' share between pieces, attention gathers keys and values across pieces inside
+    # DistributedAttention; Mamba-2 (and Mamba, MoM, BST, SCOUT in the hybrid) run gathered over the 4 ranks.
+    cases = {"xlstm-2": case("xlstm", 2), "mamba2-2": case("mamba2", 2),
+             "hybrid-every-mixer-2": case("hybrid-every-mixer", 2), "hybrid-every-mixer-3": case("hybrid-every-mixer", 3)}
+    cases["mamba2-2"] = (cases["mamba2-2"][0], [*cases["mamba2-2"][1], "model.mamba2.n_groups=2"])
+    results = run_sp(cases, tmp_path, split="parallel.context_parallel_size=2", nproc=4, seq_len=64,
+                     extra=["parallel.sequence_parallel_size=2"])
+    for name, (config, overrides) in cases.items():
+        assert_matches_unsplit(None, int(name[-1]), results[name], packed=False, seq_len=64, config=(config, overrides))

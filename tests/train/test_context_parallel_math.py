@@ -23,14 +23,23 @@ FAMILIES = {
 
 
 def simulated_pieces(mixer, x: torch.Tensor, pieces: int) -> torch.Tensor:
-    """Every CP rank's output, computed in one process as the ranks compute it."""
+    """Every CP rank's output, computed in one process as the ranks compute it: on the whole mixer, or on its
+    heads' projections (`cp_core`)."""
     xs = x.chunk(pieces, dim=1)
+    if hasattr(mixer, "cp_core"):
+        inputs = [mixer.project(p) for p in xs]
+        core = mixer.cp_core
+    else:
+        inputs, core = xs, mixer
     halo = mixer.cp_halo_tokens
-    tails = [None] + [p[:, -halo:] if halo else None for p in xs[:-1]]
-    y0, own0 = mixer(xs[0])
-    owns = [own0] + [mixer(p, mixer.cp_empty(p, tail))[1] for p, tail in zip(xs[1:], tails[1:])]
-    transitions = [mixer.cp_transition(p, tail) for p, tail in zip(xs, tails)]
-    ys = [y0] + [mixer(p, start_state(mixer, owns, transitions, r))[0] for r, p in enumerate(xs) if r > 0]
+    end = lambda p: [t[:, -halo:] for t in p] if isinstance(p, tuple) else p[:, -halo:]  # noqa: E731
+    tails = [None] + [end(p) if halo else None for p in inputs[:-1]]
+    y0, own0 = core(inputs[0], None)
+    owns = [own0] + [core(p, mixer.cp_empty(p, tail))[1] for p, tail in zip(inputs[1:], tails[1:])]
+    transitions = [mixer.cp_transition(p, tail) for p, tail in zip(inputs, tails)]
+    ys = [y0] + [core(p, start_state(mixer, owns, transitions, r))[0] for r, p in enumerate(inputs) if r > 0]
+    if hasattr(mixer, "cp_core"):
+        ys = [mixer.output(y, p) for y, p in zip(ys, xs)]
     return torch.cat(ys, dim=1)
 
 

@@ -66,10 +66,10 @@ def reference(cfg, packed: bool = False, seq_len: int = 64, rows: int = 2) -> tu
 
 
 def run_sp(cases: dict[str, tuple], tmp: Path, split: str = "parallel.sequence_parallel_size=2", nproc: int = 2,
-           seq_len: int = 64, micro_batches: int = 1) -> dict[str, dict]:
+           seq_len: int = 64, micro_batches: int = 1, extra: list[str] = ()) -> dict[str, dict]:
     """name -> (config, overrides): every case in one SP=2 job on nproc ranks (tests/train/sp_worker.py), or
     whatever split `split` sets; names starting with 'packed-' run on packed documents."""
-    common = [split, "parallel.precision=fp32",
+    common = [split, *extra, "parallel.precision=fp32",
               "data.tokens_per_step=512"]  # one micro batch: gradients are reduced at once
     jobs = [{"config": str(config), "overrides": [*common, *overrides], "out": str(tmp / f"{name}.pt"),
              "packed": name.startswith("packed-"), "seq_len": seq_len, "micro_batches": micro_batches}
