@@ -10,8 +10,9 @@ has heads. CP cuts the sequence instead; what crosses ranks depends on the mixer
   diagonal recurrences, a matrix for the delta rule; the mLSTM's max stabiliser is combined exactly in log
   space). Every rank all-gathers the own_r (and, for CP > 2, the A_r) and folds them over the ranks before
   it: one collective per layer, the same on every rank, so it sits naturally beside ZeRO-3's gathers. A
-  short causal convolution's state is the previous piece's last d_conv - 1 inputs: a halo, all-gathered
-  first, and part of the empty state a piece's own contribution starts from.
+  short causal convolution's state is the previous piece's last d_conv - 1 inputs: it comes with the state,
+  and for CP > 2 the middle pieces also all-gather it first (a halo), as part of the empty state their own
+  contribution starts from.
   Then rank r runs its piece again from the state it received: **recomputation** rather than correcting the
   outputs, because every mixer's `forward(x, state)` is already exact on every kernel path, while a
   correction is not linear for the mLSTM (its normaliser max(|n.q|, exp(-m)) depends on the state) and
@@ -20,15 +21,17 @@ has heads. CP cuts the sequence instead; what crosses ranks depends on the mixer
   state does; gradients flow back through the same all-gather (its backward is a reduce-scatter).
 - **Attention**: the keys and values of every piece are all-gathered (Llama-3's CP); each query reads them
   with the causal mask at its absolute position. Sliding window reads only the window before its piece.
-- **Gathered** (MoM, BST, SCOUT): the whole sequence is all-gathered and every rank runs the mixer on it,
-  keeping its own piece of the output. Exact, but with no compute or activation saving for those layers:
-  MoM's capacity routing and BST's and SCOUT's block-wise contexts need per-family state passing that is
-  not written yet. The run's console and train.log say which layers do this.
+- **Relay** (MoM): its state (routed memories, each with its own convolution halo and capacity count) has no
+  transition to scan, so it is handed on piece by piece: exact and memory-split, but the pieces run one after
+  another (at CP = 2 the same exchange as state passing). The load-balancing loss is taken over all pieces.
+- **Gathered** (BST, SCOUT): the whole sequence is all-gathered and every rank runs the mixer on it, keeping
+  its own piece of the output. Exact, but with no compute or activation saving for those layers: their
+  continuation from a state runs token by token, and their block-wise contexts need per-family state passing
+  that is not written yet. The run's console and train.log say which layers do this.
 
 With Ulysses inside each piece (SP x CP): attention's all-gather runs inside DistributedAttention on its heads'
 share, and mixers whose exchange runs on their heads (`cp_core`: mLSTM, HGRN2, Gated DeltaNet) pass the state
-of that share
-after Ulysses' all-to-all; the others run gathered over the sp x cp ranks.
+of that share after Ulysses' all-to-all; the others run gathered over the sp x cp ranks.
 
 Like Ulysses, the wrapper is applied from outside by swapping the mixer's class for a subclass, so parameter
 names and checkpoints do not change.
@@ -42,26 +45,35 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.sequence_parallel import AllGather, SequenceParallel
+from train.sequence_parallel import AllGather, AllReduceSum, SequenceParallel
 
 
-def flatten_state(state) -> list[torch.Tensor]:
-    """The tensors of a mixer state (a tensor, a tuple or a dataclass of them, nested), in a fixed order."""
-    if isinstance(state, torch.Tensor):
+def state_leaves(state) -> list:
+    """The leaves of a mixer state (tensors, ints such as a token count, None), nested in tensors, tuples and
+    dataclasses, in a fixed order."""
+    if isinstance(state, torch.Tensor) or state is None or isinstance(state, int):
         return [state]
     if dataclasses.is_dataclass(state):
         state = [getattr(state, f.name) for f in dataclasses.fields(state)]
-    return [t for part in state for t in flatten_state(part)]
+    return [leaf for part in state for leaf in state_leaves(part)]
 
 
-def unflatten_state(template, tensors: list[torch.Tensor]):
-    """The inverse of flatten_state: `template`'s structure filled with `tensors` (consumed from the front)."""
+def flatten_state(state) -> list[torch.Tensor]:
+    """The tensors of a mixer state, in a fixed order."""
+    return [leaf for leaf in state_leaves(state) if isinstance(leaf, torch.Tensor)]
+
+
+def unflatten_state(template, tensors: list, ints: list | None = None):
+    """`template`'s structure with its tensors replaced by `tensors` (consumed from the front) and, if given,
+    its ints by `ints`; None stays None."""
     if isinstance(template, torch.Tensor):
         return tensors.pop(0)
+    if template is None or isinstance(template, int):
+        return ints.pop(0) if ints is not None and template is not None else template
     if dataclasses.is_dataclass(template):
-        return type(template)(*(unflatten_state(getattr(template, f.name), tensors)
+        return type(template)(*(unflatten_state(getattr(template, f.name), tensors, ints)
                                 for f in dataclasses.fields(template)))
-    return type(template)(unflatten_state(part, tensors) for part in template)
+    return type(template)(unflatten_state(part, tensors, ints) for part in template)
 
 
 class ContextParallel:
@@ -83,9 +95,17 @@ class ContextParallel:
         one fp32 buffer (exact for bf16 too), so its backward is one collective that every rank makes in the
         same place whatever its graph; differentiable."""
         flat = torch.cat([t.float().flatten() for t in tensors])
+        if torch.is_grad_enabled() and not flat.requires_grad:  # zeros sent: still join the backward's collective
+            flat.requires_grad_()
         gathered = self.all_gather(flat[None], dim=0)  # (cp, total)
         sizes = [t.numel() for t in tensors]
         return [[piece.view(t.shape).to(t.dtype) for piece, t in zip(row.split(sizes), tensors)] for row in gathered]
+
+    def with_previous(self, x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+        """x with the previous piece's last n entries along `dim` in front (a halo; the first piece: x alone,
+        still joining the exchange and its backward)."""
+        ends = self.all_gather(x.narrow(dim, x.shape[dim] - n, n)[None], dim=0)  # (cp, ...)
+        return Tie.apply(x, ends) if self.rank == 0 else torch.cat([ends[self.rank - 1], x], dim=dim)
 
     def offset(self, piece_length: int) -> int:
         """The absolute position of this rank's piece's first token."""
@@ -100,6 +120,8 @@ class ContextParallel:
             return mixer.output(local(*heads) if self.sp is None else self.sp.attention(local, *heads), x)
         if mode == "state passing":
             return self.pass_state(mixer, x)
+        if mode == "relay":
+            return self.relay(mixer, x)
         t = x.shape[1]  # gathered: the whole sequence on every rank of the sequence's group
         whole = AllGather.apply(x, 1, self.seq_group)
         return mixer.own_forward(whole)[0][:, self.seq_rank * t:(self.seq_rank + 1) * t]
@@ -107,7 +129,8 @@ class ContextParallel:
     def pass_state(self, mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # What the exchange runs on: a mixer's whole forward on its piece, or (`cp_core`) its sequence mixing on
         # the projections of its heads, after Ulysses' all-to-all when the piece is split further.
-        if hasattr(mixer, "cp_core"):
+        on_heads = hasattr(mixer, "cp_core")
+        if on_heads:
             inputs = mixer.project(x)
             if self.sp is not None:
                 inputs = [self.sp.seq_to_heads(t) for t in inputs]
@@ -119,10 +142,9 @@ class ContextParallel:
         first, last, middle = self.rank == 0, self.rank == self.size - 1, 0 < self.rank < self.size - 1
         tail, exchanged = None, []
         if self.size > 2 and mixer.cp_halo_tokens:  # for the middle pieces' own runs and transitions
-            ends = [t[:, -mixer.cp_halo_tokens:] for t in (inputs if isinstance(inputs, list | tuple) else [inputs])]
-            tails = self.gather_flat(ends)
-            tail = tails[self.rank - 1] if middle else None
-            tail = tail[0] if tail is not None and isinstance(inputs, torch.Tensor) else tail
+            tails = self.gather_flat([t[:, -mixer.cp_halo_tokens:] for t in (inputs if on_heads else [inputs])])
+            if middle:
+                tail = tails[self.rank - 1] if on_heads else tails[self.rank - 1][0]
             exchanged = [t for row in tails for t in row]
         if first:
             y, own = core()  # from the sequence's start: its final state is the true one
@@ -133,8 +155,6 @@ class ContextParallel:
         sent = flatten_state(own)
         if self.size > 2:  # the middle pieces pass their predecessors' state on through their transitions
             sent += list(mixer.cp_transition(inputs, tail, self.sp))
-        if last:
-            sent = [t.detach().requires_grad_() for t in sent]  # so that this rank joins the backward's collective
         rows = self.gather_flat(sent)
         exchanged += [t for row in rows for t in row]
         n = len(flatten_state(own))
@@ -144,9 +164,31 @@ class ContextParallel:
         # Every rank's output depends on every exchanged tensor (with zero gradient where unused), so every rank
         # runs each exchange's backward collective.
         y = Tie.apply(y, *exchanged)
-        if hasattr(mixer, "cp_core"):
+        if on_heads:
             y = mixer.output(y if self.sp is None else self.sp.heads_to_seq(y), x)
         return y
+
+
+    def relay(self, mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """For a mixer whose state has no transition to scan (MoM: routed memories with their own convolution
+        halos and capacity counts): the state is handed on piece by piece, rank j running its piece from the
+        state rank j - 1 sent. Exact, and memory is split as for state passing, but the pieces run one after
+        another (at CP = 2 this is the same exchange as state passing). A mixer whose loss term reads every
+        token (MoM's load balancing) computes it over all pieces (`cp_aux_loss`)."""
+        template = mixer.init_state(x.shape[0], x.device, x.dtype)  # the state's structure and shapes
+        state, exchanged = None, []
+        for j in range(self.size - 1):
+            if self.rank == j:
+                y, final = mixer.own_forward(x, state)
+            rows = self.gather_flat(flatten_state(final if self.rank == j else template))
+            exchanged += rows[j]
+            if self.rank == j + 1:
+                state = unflatten_state(template, list(rows[j]))
+        if self.rank == self.size - 1:
+            y = mixer.own_forward(x, state)[0]
+        if hasattr(mixer, "cp_aux_loss"):
+            mixer.aux_loss = mixer.cp_aux_loss(x, lambda t: AllReduceSum.apply(t, self.group))
+        return Tie.apply(y, *exchanged)
 
 
 class Tie(torch.autograd.Function):
@@ -189,12 +231,13 @@ class ContextParallelMixer:
 
 
 def cp_mode(mixer: nn.Module, with_sp: bool = False) -> str:
-    """How a mixer runs under CP (with Ulysses inside the pieces or not): 'attention', 'state passing' or
-    'gathered' (module docstring)."""
+    """How a mixer runs under CP (with Ulysses inside the pieces or not): 'attention', 'state passing',
+    'relay' or 'gathered' (module docstring)."""
     if hasattr(mixer, "cp_mix"):
         return "attention"
-    passes_state = hasattr(mixer, "cp_core") if with_sp else hasattr(mixer, "cp_carry")
-    return "state passing" if passes_state else "gathered"
+    if hasattr(mixer, "cp_core") if with_sp else hasattr(mixer, "cp_carry"):
+        return "state passing"
+    return "relay" if getattr(mixer, "cp_relay", False) and not with_sp else "gathered"
 
 
 def apply_context_parallel(model: nn.Module, group, seq_group=None, sp_group=None) -> None:
@@ -227,7 +270,7 @@ def check_context_parallel(model: nn.Module, cp: int, shortest_piece: int, lengt
                          "data.mode=decompose (no chunk mixes documents) or parallel.context_parallel_size=1")
     for i, block in enumerate(model.blocks):
         halo = getattr(block.mixer, "cp_halo_tokens", 0) if cp_mode(block.mixer, sp > 1) == "state passing" else 0
-        if shortest_piece < max(halo, 1):
+        if shortest_piece < halo:
             raise ValueError(
                 f"layer {i} ({type(block.mixer).__name__}): the shortest piece under context parallelism is "
                 f"{shortest_piece} tokens, but its short convolution needs the previous piece's last {halo} inputs; "

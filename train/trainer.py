@@ -4,6 +4,7 @@ DeepSpeed owns data parallelism, ZeRO, precision, gradient accumulation and clip
 the order of things and the trainer's own state (step, tokens seen, data position).
 """
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -157,6 +158,20 @@ def forward(engine, micro_batch: dict[str, torch.Tensor], par: Parallel) -> LMOu
                   return_logits=False)
 
 
+def coalesces_gradients(engine, par: Parallel) -> bool:
+    """Whether a step's gradients are reduced once, in parameter order, after all its backward passes
+    (DeepSpeed's coalesce_grad_reduction) rather than by ZeRO-2's hooks as each gradient is ready. ZeRO-2
+    fills its reduction buckets in the order gradients become ready, which must be the same on every rank;
+    under context parallelism the ranks' graphs differ (the middle pieces run their mixers twice, and their
+    transitions), so the order does too. ZeRO-0/1 reduce in parameter order anyway; ZeRO-3's mixers are leaf
+    modules (train/context_parallel.py)."""
+    return par.cp_size > 1 and engine.zero_optimization_stage() == 2
+
+
+def reduction_context(engine, par: Parallel):
+    return engine.coalesce_grad_reduction() if coalesces_gradients(engine, par) else contextlib.nullcontext()
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor  # this rank's mean loss over its micro batches, on the device (synced at log steps only)
@@ -184,20 +199,27 @@ def train_step(run: TrainEngine, micro_batches: list[dict], par: Parallel, lr: f
     aux_sum = torch.zeros((), device=device)
     bad = torch.zeros((), device=device)
     finite, stop = True, False
-    for i, mb in enumerate(micro_batches):
-        out = forward(engine, mb, par)
-        loss = out.loss.detach().float()
-        loss_sum += loss
-        aux_sum += 0.0 if out.aux_loss is None else out.aux_loss.detach().float()
-        bad = torch.maximum(bad, (~torch.isfinite(loss)).float())
-        if i == len(micro_batches) - 1:  # the decision, before the step the last backward triggers
-            flags = torch.stack([bad, torch.tensor(float(stop_requested()), device=device)])
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank takes the same decisions
-            any_bad, any_stop = flags.tolist()
-            finite, stop = any_bad == 0, any_stop > 0
-            run.optimizer.skip_update = not finite
-        engine.backward(out.loss * par.loss_scale)
+    coalesce = coalesces_gradients(engine, par)
+    with reduction_context(engine, par):
+        for i, mb in enumerate(micro_batches):
+            out = forward(engine, mb, par)
+            loss = out.loss.detach().float()
+            loss_sum += loss
+            aux_sum += 0.0 if out.aux_loss is None else out.aux_loss.detach().float()
+            bad = torch.maximum(bad, (~torch.isfinite(loss)).float())
+            if i == len(micro_batches) - 1:  # the decision, before the step the last backward triggers
+                flags = torch.stack([bad, torch.tensor(float(stop_requested()), device=device)])
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank takes the same decisions
+                any_bad, any_stop = flags.tolist()
+                finite, stop = any_bad == 0, any_stop > 0
+                run.optimizer.skip_update = not finite
+            engine.backward(out.loss * par.loss_scale)
+            if not coalesce:
+                engine.step()
+    if coalesce:  # one optimizer step for the whole block (DeepSpeed's coalesce_grad_reduction contract)
+        engine.set_gradient_accumulation_boundary(True)
         engine.step()
+        engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own micro-step counting
     run.optimizer.skip_update = False
     return StepResult(loss_sum / len(micro_batches), aux_sum / len(micro_batches), finite, stop)
 

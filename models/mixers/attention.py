@@ -106,14 +106,18 @@ class AttentionMixer(nn.Module):
 
     def cp_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp) -> torch.Tensor:
         """Context parallelism (train/context_parallel.py): `mix` of this rank's piece, (B, T/cp, h, hd) each ->
-        (B, T/cp, h, hd). Keys and values of every piece are all-gathered; queries read them at their absolute
-        positions (causal mask across pieces), and a window reads only the keys it covers."""
+        (B, T/cp, h, hd). Keys and values of every piece are all-gathered, and queries read them at their
+        absolute positions (causal mask across pieces). A window no longer than a piece needs only the previous
+        piece's last window - 1 keys and values (a halo): only those are gathered."""
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T/cp, hd)
-        offset = cp.offset(q.shape[2])
+        t = q.shape[2]
+        offset = cp.offset(t)
         q, k = self._rope(q, k, offset)
-        end = offset + q.shape[2]
+        if self.window is not None and self.window - 1 <= t:
+            k, v = (cp.with_previous(z, self.window - 1, dim=2) for z in (k, v))
+            return self._attend(q, k, v, k.shape[2] - t)
         start = 0 if self.window is None else max(0, offset - self.window + 1)
-        k, v = (cp.all_gather(t, dim=2)[:, :, start:end] for t in (k, v))
+        k, v = (cp.all_gather(z, dim=2)[:, :, start:offset + t] for z in (k, v))
         return self._attend(q, k, v, offset - start)
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:

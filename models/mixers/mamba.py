@@ -173,7 +173,9 @@ class MambaMixer(nn.Module):
         return SSMState(self._conv_state(tail), ssm)
 
     def cp_transition(self, x: torch.Tensor, tail, sp=None) -> tuple[torch.Tensor]:
-        u, _ = self.conv1d(self.in_proj(x).chunk(2, dim=-1)[0], self._conv_state(tail))
+        bias = self.in_proj.bias  # the u half of in_proj only
+        u = F.linear(x, self.in_proj.weight[:self.d_inner], None if bias is None else bias[:self.d_inner])
+        u, _ = self.conv1d(u, self._conv_state(tail))
         dt, _, _, dt_bias = self._scan_inputs(u)
         dt = F.softplus(dt.float() + dt_bias).sum(1)  # (B, d_inner), as the scan sees it
         return ((self.A * dt[..., None]).exp(),)  # (B, d_inner, d_state)

@@ -165,7 +165,8 @@ class Mamba2Mixer(nn.Module):
         return SSMState(self._conv_inputs(tail).transpose(1, 2), ssm)
 
     def cp_transition(self, x: torch.Tensor, tail, sp=None) -> tuple[torch.Tensor]:
-        dt = self.in_proj(x)[..., -self.n_heads:]
+        bias = self.in_proj.bias
+        dt = F.linear(x, self.in_proj.weight[-self.n_heads:], None if bias is None else bias[-self.n_heads:])
         dt = process_dt(dt, self.dt_bias, True, self.cfg.dt_limit)  # (B, T, H) as the SSD sees it
         return ((self.A * dt.sum(1)).exp(),)  # (B, H)
 

@@ -54,12 +54,14 @@ class MoMState:
     shared_conv: torch.Tensor | None  # (B, C, W-1)
 
 
-def load_balancing_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+def load_balancing_loss(router_logits: torch.Tensor, top_k: int, total=lambda t: t) -> torch.Tensor:
     """Switch-Transformer loss of one layer: router_logits (N, M) -> num_memories * sum_e f_e P_e, with
-    f the fraction of routing slots that chose e (per top-k rank) and P the mean router probability."""
+    f the fraction of routing slots that chose e (per top-k rank) and P the mean router probability.
+    `total`: a sum over more tokens than these (context parallelism's pieces: an all-reduce)."""
     probs = router_logits.float().softmax(-1)
     chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, probs.shape[-1]).float()  # (N, k, M)
-    return (chosen.mean(0) * probs.mean(0)[None]).sum() * probs.shape[-1]
+    n = total(torch.tensor(float(probs.shape[0]), device=probs.device))
+    return (total(chosen.sum(0)) / n * (total(probs.sum(0)) / n)[None]).sum() * probs.shape[-1]
 
 
 class MoMMixer(nn.Module):
@@ -232,6 +234,14 @@ class MoMMixer(nn.Module):
         """The load-balancing loss over the tokens x (B, T, D): packed documents run one document at a time
         (models/block.py), and the loss is over the whole batch's tokens as in an unpacked forward."""
         return self._aux_loss(self.gate(x))
+
+    # Context parallelism (train/context_parallel.py): the state is handed on piece by piece (its memories'
+    # convolution halos and capacity counts have no transition to scan over ranks), and the load-balancing
+    # loss is over every piece's tokens.
+    cp_relay = True
+
+    def cp_aux_loss(self, x: torch.Tensor, total) -> torch.Tensor:
+        return self.aux_loss_scale * load_balancing_loss(self.gate(x).flatten(0, 1), self.top_k, total)
 
     def forward(self, x: torch.Tensor, state: MoMState | None = None) -> tuple[torch.Tensor, MoMState]:
         state = self.init_state(x.shape[0], x.device, x.dtype) if state is None else state

@@ -23,7 +23,7 @@ import torch.distributed as dist  # noqa: E402
 
 from train import sequence_parallel  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.trainer import build_engine, forward, setup_parallel  # noqa: E402
+from train.trainer import build_engine, coalesces_gradients, forward, reduction_context, setup_parallel  # noqa: E402
 
 # Packed documents of the two 64-token rows: lengths 1, 15, 21, 27 and 40, 24, so documents end on 16-token
 # chunk boundaries and off them, and two cross the middle of their row, where the SP=2 ranks' halves meet.
@@ -49,13 +49,14 @@ def run_case(config: str, overrides: list[str], out: str, packed: bool = False, 
     engine = build_engine(cfg, par).engine
     batch = fixed_batch(cfg.model.vocab_size, batch=2 * par.dp_size * micro_batches, seq_len=seq_len, packed=packed)
     losses = []
-    for i in range(micro_batches):
-        rows = slice(2 * (par.dp_rank * micro_batches + i), 2 * (par.dp_rank * micro_batches + i + 1))
-        loss = forward(engine, {k: v if k == "cu_seqlens" else v[rows] for k, v in batch.items()}, par).loss
-        engine.backward(loss * par.loss_scale)
-        losses.append(loss.detach())
-        if i < micro_batches - 1:
-            engine.step()  # not an accumulation boundary: counts the micro batch, updates nothing
+    with reduction_context(engine, par):  # as train_step: reduced once under CP with ZeRO-2
+        for i in range(micro_batches):
+            rows = slice(2 * (par.dp_rank * micro_batches + i), 2 * (par.dp_rank * micro_batches + i + 1))
+            loss = forward(engine, {k: v if k == "cu_seqlens" else v[rows] for k, v in batch.items()}, par).loss
+            engine.backward(loss * par.loss_scale)
+            losses.append(loss.detach())
+            if i < micro_batches - 1 and not coalesces_gradients(engine, par):
+                engine.step()  # not an accumulation boundary: counts the micro batch, updates nothing
     from deepspeed.utils import safe_get_full_grad
 
     grads = {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters()}

@@ -121,3 +121,13 @@ def test_cp2_times_sp2_on_four_ranks_matches_the_unsplit_model(tmp_path):
                      extra=["parallel.sequence_parallel_size=2"])
     for name, (config, overrides) in cases.items():
         assert_matches_unsplit(None, int(name[-1]), results[name], packed=False, seq_len=64, config=(config, overrides))
+
+
+def test_cp4_matches_the_unsplit_model(tmp_path):
+    # 4 pieces of 16: the middle pieces run from the scan of their predecessors' states and transitions (a
+    # matrix for the delta rule), their convolutions from the halo; MoM's state is relayed through 3 rounds.
+    names = ["xlstm", "mamba", "mamba2", "hgrn2", "gated_deltanet", "mom", "sliding_window"]
+    cases = {f"{name}-2": case(name, 2) for name in names} | {"hybrid-every-mixer-3": case("hybrid-every-mixer", 3)}
+    results = run_sp(cases, tmp_path, split="parallel.context_parallel_size=4", nproc=4, seq_len=64)
+    for name, (config, overrides) in cases.items():
+        assert_matches_unsplit(None, int(name[-1]), results[name], packed=False, seq_len=64, config=(config, overrides))
