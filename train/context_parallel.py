@@ -20,7 +20,8 @@ has heads. CP cuts the sequence instead; what crosses ranks depends on the mixer
   with its output), the last rank once, the ranks between twice. The mixers' `cp_*` methods say what their
   state does; gradients flow back through the same all-gather (its backward is a reduce-scatter).
 - **Attention**: the keys and values of every piece are all-gathered (Llama-3's CP); each query reads them
-  with the causal mask at its absolute position. Sliding window reads only the window before its piece.
+  with the causal mask at its absolute position. A sliding window that fits in a piece gathers only the
+  previous piece's last window - 1 keys and values (a halo).
 - **Relay** (MoM): its state (routed memories, each with its own convolution halo and capacity count) has no
   transition to scan, so it is handed on piece by piece: exact and memory-split, but the pieces run one after
   another (at CP = 2 the same exchange as state passing). The load-balancing loss is taken over all pieces.

@@ -98,15 +98,16 @@ def setup_parallel(cfg: RunConfig) -> Parallel:
     # gradients and partitions ZeRO over data x sequence ranks, as for Ulysses alone. Inside it, the Ulysses
     # groups are consecutive ranks and the CP groups strided by sp. Every rank creates every group.
     mpu.initialize_sequence_parallel(sp * cp)
-    seq_rank, base = rank % (sp * cp), rank - rank % (sp * cp)
-    sp_group = cp_group = None
-    for start in range(0, world, sp * cp):
-        for c in range(cp):
-            group = dist.new_group([start + c * sp + s for s in range(sp)]) if sp > 1 else None
-            sp_group = group if start == base and c == seq_rank // sp else sp_group
-        for s in range(sp):
-            group = dist.new_group([start + c * sp + s for c in range(cp)]) if cp > 1 else None
-            cp_group = group if start == base and s == seq_rank % sp else cp_group
+
+    def mine(rank_lists: list[list[int]]):
+        """Creates every group (each rank must create all of them); returns the one holding this rank."""
+        groups = [(ranks, dist.new_group(ranks)) for ranks in rank_lists]
+        return next(group for ranks, group in groups if rank in ranks)
+
+    starts = range(0, world, sp * cp)
+    sp_group = mine([[s0 + c * sp + s for s in range(sp)] for s0 in starts for c in range(cp)]) if sp > 1 else None
+    cp_group = mine([[s0 + c * sp + s for c in range(cp)] for s0 in starts for s in range(sp)]) if cp > 1 else None
+    seq_rank = rank % (sp * cp)
     return Parallel(rank, world, dp_rank=rank // (sp * cp), dp_size=world // (sp * cp), sp_rank=seq_rank % sp,
                     sp_size=sp, sp_group=sp_group, cp_rank=seq_rank // sp, cp_size=cp, cp_group=cp_group,
                     seq_group=mpu.get_sequence_parallel_group(), mpu=mpu,
@@ -136,8 +137,9 @@ def build_engine(cfg: RunConfig, par: Parallel) -> TrainEngine:
     if par.cp_size > 1:  # with Ulysses inside each piece when sp > 1
         context_parallel.apply_context_parallel(model, par.cp_group, par.seq_group, par.sp_group)
         if par.rank == 0:
-            log.info("context parallelism over %d ranks (Ulysses over %d inside each piece), layers by mode: %s",
-                     par.cp_size, par.sp_size, context_parallel.describe(model))
+            inside = f" (Ulysses over {par.sp_size} inside each piece)" if par.sp_size > 1 else ""
+            log.info("context parallelism over %d ranks%s, layers by mode: %s", par.cp_size, inside,
+                     context_parallel.describe(model))
     elif par.sp_size > 1:
         sequence_parallel.apply_sequence_parallel(model, par.sp_group)
     optimizer = build_optimizer(model, cfg.optim)

@@ -41,7 +41,7 @@ def fixed_batch(vocab: int, batch: int = 2, seq_len: int = 64, packed: bool = Fa
 def run_case(config: str, overrides: list[str], out: str, packed: bool = False, seq_len: int = 64,
              micro_batches: int = 1, par=None):
     """micro_batches > 1: gradient accumulation over that many micro batches of 2 rows on each data-parallel
-    replica; the replicas and micro batches take consecutive rows of one fixed batch (fixed_rows)."""
+    replica; the replicas and micro batches take consecutive rows of one fixed batch (fixed_batch)."""
     cfg = load_config(config, overrides, world_size=int(os.environ["WORLD_SIZE"]))
     if par is None:
         par = setup_parallel(cfg)  # the SP groups once per job

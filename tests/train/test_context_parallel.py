@@ -85,11 +85,14 @@ def test_two_replicas_of_a_split_with_accumulation_match_the_unsplit_model(split
 
 
 def test_cp2_run_resumes_from_its_last_checkpoint_exactly(train, tmp_path):
-    # Mamba-2 (a state and a convolution halo cross the ranks) under ZeRO-3 with every parameter partitioned.
+    # Mamba-2 (a state and a convolution halo cross the ranks) under ZeRO-3 with every parameter partitioned;
+    # the in-training eval runs unsplit at step 3 (every rank scores whole held-out sequences).
     overrides = ["parallel.context_parallel_size=2", "parallel.zero_stage=3", ZERO3_PARTITION_ALL,
                  "parallel.precision=fp32", "schedule.steps=6", "schedule.warmup_steps=2", "checkpoint.every=3",
-                 "logging.every=1"]
+                 "logging.every=1", "eval.every=3", "eval.max_tokens=512"]
     full = train(TINY / "mamba2.yaml", *overrides)
+    (record, *_) = [r for r in full.records if "eval/ppl@128" in r]
+    assert record["step"] == 3 and record["eval/ppl@128"] < 2048
     expected = {r["step"]: r["loss"] for r in full.records if "loss" in r}
     shutil.rmtree(full.run_dir / "checkpoints" / "step_00000006")  # as if killed before the last save
     resumed = train(TINY / "mamba2.yaml", *overrides, run_dir=full.run_dir, extra=["--resume", "auto"])
