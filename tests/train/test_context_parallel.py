@@ -2,7 +2,6 @@
 every family and pattern letter under ZeRO-2 and ZeRO-3, the config checks stop a bad split before any process
 group, and a model whose heads Ulysses cannot split trains with CP=4."""
 
-import shutil
 import sys
 
 import pytest
@@ -11,7 +10,8 @@ from harness import ROOT, TINY, ZERO3_PARTITION_ALL
 from train.config import ConfigError, load_config
 
 sys.path.insert(0, str(ROOT / "tests" / "train"))
-from test_sequence_parallel import SPLITS, assert_matches_unsplit, run_sp  # noqa: E402
+from test_sequence_parallel import SPLITS, assert_matches_unsplit, assert_resumes_exactly, run_sp  # noqa: E402
+from test_sequence_parallel import case as sp_case  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +26,7 @@ SEQ_LEN = 48
 
 
 def case(name: str, zero_stage: int):
-    config, overrides = CASES[name]
-    zero = [f"parallel.zero_stage={zero_stage}"] + ([ZERO3_PARTITION_ALL] if zero_stage == 3 else [])
-    return TINY / f"{config}.yaml", [*zero, *overrides]
+    return sp_case(name, zero_stage, CASES)
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +88,9 @@ def test_cp2_run_resumes_from_its_last_checkpoint_exactly(train, tmp_path):
     overrides = ["parallel.context_parallel_size=2", "parallel.zero_stage=3", ZERO3_PARTITION_ALL,
                  "parallel.precision=fp32", "schedule.steps=6", "schedule.warmup_steps=2", "checkpoint.every=3",
                  "logging.every=1", "eval.every=3", "eval.max_tokens=512"]
-    full = train(TINY / "mamba2.yaml", *overrides)
+    full = assert_resumes_exactly(train, TINY / "mamba2.yaml", overrides)
     (record, *_) = [r for r in full.records if "eval/ppl@128" in r]
     assert record["step"] == 3 and record["eval/ppl@128"] < 2048
-    expected = {r["step"]: r["loss"] for r in full.records if "loss" in r}
-    shutil.rmtree(full.run_dir / "checkpoints" / "step_00000006")  # as if killed before the last save
-    resumed = train(TINY / "mamba2.yaml", *overrides, run_dir=full.run_dir, extra=["--resume", "auto"])
-    assert "step_00000003" in resumed.output
-    after = [r for r in resumed.records if "loss" in r][len(expected):]  # the resumed run's own lines
-    assert [r["step"] for r in after] == [4, 5, 6]
-    assert [r["loss"] for r in after] == pytest.approx([expected[s] for s in (4, 5, 6)], rel=1e-6)
 
 
 def test_context_parallel_bench_measures_the_analytic_bytes():

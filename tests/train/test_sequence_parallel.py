@@ -83,8 +83,9 @@ def run_sp(cases: dict[str, tuple], tmp: Path, split: str = "parallel.sequence_p
     return {name: torch.load(tmp / f"{name}.pt", weights_only=True) for name in cases}
 
 
-def case(split: str, zero_stage: int) -> tuple[Path, list[str]]:
-    family, overrides = SPLITS[split]
+def case(split: str, zero_stage: int, table: dict = SPLITS) -> tuple[Path, list[str]]:
+    """(tiny config, overrides) of `table[split]` at this ZeRO stage (ZeRO-3 partitioning every parameter)."""
+    family, overrides = table[split]
     zero = [f"parallel.zero_stage={zero_stage}"] + ([ZERO3_PARTITION_ALL] if zero_stage == 3 else [])
     return TINY / f"{family}.yaml", [*zero, *overrides]
 
@@ -150,14 +151,21 @@ def test_sp2_zero3_run_resumes_from_its_last_checkpoint_exactly(train, tmp_path)
     overrides = ["parallel.sequence_parallel_size=2", "parallel.zero_stage=3", ZERO3_PARTITION_ALL,
                  "parallel.precision=fp32", "schedule.steps=6", "schedule.warmup_steps=2", "checkpoint.every=3",
                  "logging.every=1"]
-    full = train(TINY / "mamba.yaml", *overrides)
+    assert_resumes_exactly(train, TINY / "mamba.yaml", overrides)
+
+
+def assert_resumes_exactly(train, config: Path, overrides: list[str]):
+    """A 6-step run with checkpoints at steps 3 and 6 loses the second (as if killed before it), resumes from
+    the first and reproduces steps 4-6. Returns the uninterrupted run."""
+    full = train(config, *overrides)
     expected = {r["step"]: r["loss"] for r in full.records if "loss" in r}
     shutil.rmtree(full.run_dir / "checkpoints" / "step_00000006")  # as if killed before the last save
-    resumed = train(TINY / "mamba.yaml", *overrides, run_dir=full.run_dir, extra=["--resume", "auto"])
+    resumed = train(config, *overrides, run_dir=full.run_dir, extra=["--resume", "auto"])
     assert "step_00000003" in resumed.output
     after = [r for r in resumed.records if "loss" in r][len(expected):]  # the resumed run's own lines
     assert [r["step"] for r in after] == [4, 5, 6]
     assert [r["loss"] for r in after] == pytest.approx([expected[s] for s in (4, 5, 6)], rel=1e-6)
+    return full
 
 
 def test_in_training_eval_under_sp2_runs_on_whole_sequences(train):
