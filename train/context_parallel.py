@@ -49,32 +49,28 @@ from torch import nn
 from train.sequence_parallel import AllGather, AllReduceSum, SequenceParallel
 
 
-def state_leaves(state) -> list:
-    """The leaves of a mixer state (tensors, ints such as a token count, None), nested in tensors, tuples and
-    dataclasses, in a fixed order."""
-    if isinstance(state, torch.Tensor) or state is None or isinstance(state, int):
+def flatten_state(state) -> list[torch.Tensor]:
+    """The tensors of a mixer state (a tensor, or tuples and dataclasses of them, nested; None fields skipped),
+    in a fixed order."""
+    if isinstance(state, torch.Tensor):
         return [state]
+    if state is None:
+        return []
     if dataclasses.is_dataclass(state):
         state = [getattr(state, f.name) for f in dataclasses.fields(state)]
-    return [leaf for part in state for leaf in state_leaves(part)]
+    return [t for part in state for t in flatten_state(part)]
 
 
-def flatten_state(state) -> list[torch.Tensor]:
-    """The tensors of a mixer state, in a fixed order."""
-    return [leaf for leaf in state_leaves(state) if isinstance(leaf, torch.Tensor)]
-
-
-def unflatten_state(template, tensors: list, ints: list | None = None):
-    """`template`'s structure with its tensors replaced by `tensors` (consumed from the front) and, if given,
-    its ints by `ints`; None stays None."""
+def unflatten_state(template, tensors: list[torch.Tensor]):
+    """The inverse of flatten_state: `template`'s structure filled with `tensors` (consumed from the front)."""
     if isinstance(template, torch.Tensor):
         return tensors.pop(0)
-    if template is None or isinstance(template, int):
-        return ints.pop(0) if ints is not None and template is not None else template
+    if template is None:
+        return None
     if dataclasses.is_dataclass(template):
-        return type(template)(*(unflatten_state(getattr(template, f.name), tensors, ints)
+        return type(template)(*(unflatten_state(getattr(template, f.name), tensors)
                                 for f in dataclasses.fields(template)))
-    return type(template)(unflatten_state(part, tensors, ints) for part in template)
+    return type(template)(unflatten_state(part, tensors) for part in template)
 
 
 class ContextParallel:
@@ -85,7 +81,7 @@ class ContextParallel:
         self.group, self.sp = group, sp
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.seq_group = seq_group or group
-        self.seq_size, self.seq_rank = dist.get_world_size(self.seq_group), dist.get_rank(self.seq_group)
+        self.seq_rank = dist.get_rank(self.seq_group)
 
     def all_gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Every rank's piece, in rank order along `dim`: by default (B, T/cp, ...) -> (B, T, ...)."""
@@ -154,11 +150,11 @@ class ContextParallel:
         else:
             own = core(mixer.cp_empty(inputs, tail))[1]
         sent = flatten_state(own)
+        n = len(sent)
         if self.size > 2:  # the middle pieces pass their predecessors' state on through their transitions
             sent += list(mixer.cp_transition(inputs, tail, self.sp))
         rows = self.gather_flat(sent)
         exchanged += [t for row in rows for t in row]
-        n = len(flatten_state(own))
         owns = [unflatten_state(own, row[:n]) for row in rows]
         if not first:
             y = core(start_state(mixer, owns, [row[n:] for row in rows], self.rank))[0]
@@ -168,7 +164,6 @@ class ContextParallel:
         if on_heads:
             y = mixer.output(y if self.sp is None else self.sp.heads_to_seq(y), x)
         return y
-
 
     def relay(self, mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """For a mixer whose state has no transition to scan (MoM: routed memories with their own convolution
