@@ -172,7 +172,7 @@ class RunConfig(Section):
             if sp > 1:
                 check_sequence_parallel(model, sp)
             if cp > 1:
-                check_context_parallel(model, cp, shortest // cp, key, packed=self.data.packs_documents, sp=sp)
+                check_context_parallel(model, cp, shortest // cp, key, sp=sp)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

@@ -91,26 +91,36 @@ def packed_attention(
     cu_seqlens: torch.Tensor,
     max_len: int,
     window: int | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_len_k: int | None = None,
 ) -> torch.Tensor:
     """Causal attention inside each packed document (models/documents.py): q (N_tokens, H, D), k, v
     (N_tokens, H_kv, D), cu_seqlens (n_docs + 1,) int32 over the tokens, on their device; max_len the longest
     document. Returns (N_tokens, H, D).
+
+    cu_seqlens_k, max_len_k: the keys' own layout, when each document's queries are the last of its keys
+    (context parallelism: a piece's queries read their document's keys from earlier pieces too); the causal
+    mask is aligned to the end of each document, as flash-attn aligns it.
 
     flash-attn's `flash_attn_varlen_func` on CUDA; else SDPA one document at a time, so memory grows with
     the longest document, never with a (T, T) mask."""
     unmet = None
     if q.shape[-1] > FLASH_MAX_HEAD_DIM:
         unmet = f"flash-attn takes head_dim <= {FLASH_MAX_HEAD_DIM}, not {q.shape[-1]}"
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_len_k = cu_seqlens, max_len
     if not choose("attention", q, unmet).fast:
-        return packed_attention_ref(q, k, v, cu_seqlens, window)
+        return packed_attention_ref(q, k, v, cu_seqlens, window, cu_seqlens_k)
     fn = load_function("flash_attn", "flash_attn_varlen_func")[0]
-    return flash_packed(fn, q, k, v, cu_seqlens, max_len, window)
+    return flash_packed(fn, q, k, v, cu_seqlens, max_len, window, cu_seqlens_k, max_len_k)
 
 
-def flash_packed(fn, q, k, v, cu_seqlens, max_len, window):
+def flash_packed(fn, q, k, v, cu_seqlens, max_len, window, cu_seqlens_k=None, max_len_k=None):
     """`packed_attention` through flash-attn's `flash_attn_varlen_func` (`fn`); the tests run it on the CPU."""
     window_size = (-1, -1) if window is None else (window - 1, 0)
-    return fn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True, window_size=window_size)
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_len_k = cu_seqlens, max_len
+    return fn(q, k, v, cu_seqlens, cu_seqlens_k, max_len, max_len_k, causal=True, window_size=window_size)
 
 
 def checkpoint_attention(

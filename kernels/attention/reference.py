@@ -133,14 +133,17 @@ def checkpoint_attention_ref(
 
 
 def packed_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                         window: int | None = None) -> torch.Tensor:
+                         window: int | None = None, cu_seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
     """Causal (optionally windowed) attention inside each packed document: q (N_tokens, H, D), k, v
     (N_tokens, H_kv, D), cu_seqlens (n_docs + 1,). One SDPA per document: no mask across documents is built,
-    so memory grows with the longest document (SDPA's CPU flash kernel takes is_causal without a mask)."""
+    so memory grows with the longest document (SDPA's CPU flash kernel takes is_causal without a mask).
+    cu_seqlens_k: the keys' layout when a document has more keys than queries (its queries are its last
+    keys' positions, as flash-attn's varlen kernel aligns them)."""
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        doc = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, L, D)
-        w = window if window is not None and window < end - start else None  # a shorter document: plain causal
-        out[start:end] = attention_ref(*doc, window=w)[0].transpose(0, 1)
+    bounds_k = bounds if cu_seqlens_k is None else cu_seqlens_k.tolist()
+    for start, end, start_k, end_k in zip(bounds[:-1], bounds[1:], bounds_k[:-1], bounds_k[1:], strict=True):
+        doc = [t[a:b].transpose(0, 1)[None] for t, a, b in ((q, start, end), (k, start_k, end_k), (v, start_k, end_k))]
+        w = window if window is not None and window < end_k - start_k else None  # a shorter document: plain causal
+        out[start:end] = attention_ref(*doc, q_offset=(end_k - start_k) - (end - start), window=w)[0].transpose(0, 1)
     return out

@@ -104,11 +104,14 @@ class AttentionMixer(nn.Module):
         local = self.mix if docs is None else lambda q, k, v: self.mix_packed(q, k, v, docs)
         return self.output(sp.attention(local, *self.project(x)), x)
 
-    def cp_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp) -> torch.Tensor:
+    def cp_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp, docs=None) -> torch.Tensor:
         """Context parallelism (train/context_parallel.py): `mix` of this rank's piece, (B, T/cp, h, hd) each ->
         (B, T/cp, h, hd). Keys and values of every piece are all-gathered, and queries read them at their
         absolute positions (causal mask across pieces). A window no longer than a piece needs only the previous
-        piece's last window - 1 keys and values (a halo): only those are gathered."""
+        piece's last window - 1 keys and values (a halo): only those are gathered. `docs`: packed documents
+        over the whole rows (each query reads its own document's keys, RoPE from the document's start)."""
+        if docs is not None:
+            return self._cp_mix_packed(q, k, v, cp, docs)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T/cp, hd)
         t = q.shape[2]
         offset = cp.offset(t)
@@ -119,6 +122,25 @@ class AttentionMixer(nn.Module):
         start = 0 if self.window is None else max(0, offset - self.window + 1)
         k, v = (cp.all_gather(z, dim=2)[:, :, start:offset + t] for z in (k, v))
         return self._attend(q, k, v, offset - start)
+
+    def _cp_mix_packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp, docs) -> torch.Tensor:
+        # Varlen attention whose documents have more keys than queries: a piece's queries are the last
+        # positions of their documents' keys so far (flash-attn aligns its causal mask that way).
+        b, t = q.shape[:2]
+        end = cp.offset(t) + t
+        if self.window is not None and self.window - 1 <= t:
+            k, v = (cp.with_previous(z, self.window - 1, dim=1) for z in (k, v))
+        else:
+            k, v = (cp.all_gather(z, dim=1)[:, :end] for z in (k, v))
+        keys, q_pos, k_pos, cu_q, max_q, cu_k, max_k = cp.pieces(docs, 0).attention(end - k.shape[1])
+        q = q.flatten(0, 1)  # (B*T/cp, h, hd)
+        k, v = (z.flatten(0, 1).index_select(0, keys) for z in (k, v))
+        cos, sin = rope_cos_sin(q_pos, self.head_dim, self.rope_theta)
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        cos, sin = rope_cos_sin(k_pos, self.head_dim, self.rope_theta)
+        k = apply_rope(k, cos[:, None], sin[:, None])
+        y = packed_attention(q, k, v, cu_q, max_q, self.window, cu_k, max_k)
+        return y.unflatten(0, (b, t))
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         q, k, v = (t.transpose(1, 2) for t in self.project(x))  # (B, h, T, hd)

@@ -196,8 +196,8 @@ class GatedDeltaNetMixer(nn.Module):
             return slice(0, self.n_heads), slice(0, self.n_v_heads)
         return sp.local(self.n_heads), sp.local(self.n_v_heads)
 
-    def cp_core(self, heads, state: GDNState | None, sp=None):
-        return self._mix(*heads, *self._heads(sp), state)
+    def cp_core(self, heads, state: GDNState | None, sp=None, docs=None):
+        return self._mix(*heads, *self._heads(sp), state, docs)
 
     def cp_zeros(self, heads, tail=None) -> GDNState:
         q, _, v, _, _ = heads  # (B, T, h, K), (B, T, hv, V)

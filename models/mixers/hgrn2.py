@@ -132,7 +132,9 @@ class HGRN2Mixer(nn.Module):
     # exchange runs on the GLA of the heads `project` gives (all, or a Ulysses rank's share).
     cp_halo_tokens = 0
 
-    def cp_core(self, heads, state: torch.Tensor | None, sp=None):
+    def cp_core(self, heads, state: torch.Tensor | None, sp=None, docs=None):
+        if docs is not None:  # packed documents, each from a fresh state
+            return self.mix_packed(*heads, docs), None
         return chunk_gla(*heads, initial_state=state, chunk_size=self.chunk_size)
 
     def cp_zeros(self, heads) -> torch.Tensor:

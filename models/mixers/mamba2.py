@@ -148,7 +148,7 @@ class Mamba2Mixer(nn.Module):
 
     def forward_packed(self, x: torch.Tensor, docs) -> torch.Tensor:
         """Packed documents in one call over the rows: the convolution and the SSD take `seq_idx`."""
-        return self(x, seq_idx=docs.seq_idx)[0]
+        return Mamba2Mixer.forward(self, x, seq_idx=docs.seq_idx)[0]  # not self(): a CP wrapper's forward takes no seq_idx
 
     # Context parallelism (train/context_parallel.py): the SSM state decays by exp(A sum(dt)) per head over a
     # piece; the convolution starts from the previous piece's last d_conv - 1 inputs.

@@ -158,8 +158,9 @@ class MLSTMMixer(nn.Module):
     # The exchange runs on the cell of the heads `project` gives (all, or a Ulysses rank's share).
     cp_halo_tokens = 0
 
-    def cp_core(self, heads, state: MLSTMState | None, sp=None):
-        return self._cell(*heads, state)
+    def cp_core(self, heads, state: MLSTMState | None, sp=None, docs=None):
+        """The cell on whole pieces of these heads from `state`, or (`docs`) on packed documents, each fresh."""
+        return self._cell(*heads, state) if docs is None else (self.mix_packed(*heads, docs), None)
 
     def cp_zeros(self, heads) -> MLSTMState:
         q, _, v, _, _ = heads  # (B, T, h, DQK), (B, T, h, DV)

@@ -27,14 +27,16 @@ from train.trainer import build_engine, coalesces_gradients, forward, reduction_
 
 # Packed documents of the two 64-token rows: lengths 1, 15, 21, 27 and 40, 24, so documents end on 16-token
 # chunk boundaries and off them, and two cross the middle of their row, where the SP=2 ranks' halves meet.
-PACKED_CU_SEQLENS = [0, 1, 16, 37, 64, 104, 128]
+# Two rows of T tokens each (by T): documents of 1 token, starting at a row's start, crossing the middle (where
+# CP=2 cuts, and CP=4's second cut at 16 of 64 is a document start).
+PACKED_CU_SEQLENS = {64: [0, 1, 16, 37, 64, 104, 128], 48: [0, 1, 16, 29, 48, 78, 96]}
 
 
 def fixed_batch(vocab: int, batch: int = 2, seq_len: int = 64, packed: bool = False) -> dict[str, torch.Tensor]:
     tokens = torch.randint(0, vocab, (batch, seq_len + 1), generator=torch.Generator().manual_seed(7))
     out = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
     if packed:
-        out["cu_seqlens"] = torch.tensor(PACKED_CU_SEQLENS)
+        out["cu_seqlens"] = torch.tensor(PACKED_CU_SEQLENS[seq_len])
     return out
 
 

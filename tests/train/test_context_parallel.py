@@ -32,6 +32,7 @@ def case(name: str, zero_stage: int):
 @pytest.fixture(scope="module")
 def cp_results(tmp_path_factory) -> dict[str, dict]:
     cases = {f"{name}-{stage}": case(name, stage) for stage in (2, 3) for name in CASES}
+    cases |= {f"packed-hybrid-every-mixer-{stage}": case("hybrid-every-mixer", stage) for stage in (2, 3)}
     return run_sp(cases, tmp_path_factory.mktemp("cp"), split="parallel.context_parallel_size=2", seq_len=SEQ_LEN)
 
 
@@ -41,6 +42,15 @@ def test_cp2_matches_the_unsplit_model(name, zero_stage, cp_results):
     config, overrides = case(name, zero_stage)
     assert_matches_unsplit(None, zero_stage, cp_results[f"{name}-{zero_stage}"], packed=False, seq_len=SEQ_LEN,
                            config=(config, overrides))
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_cp2_on_packed_documents_matches_the_unsplit_model(zero_stage, cp_results):
+    # Every letter on packed documents (sp_worker.py PACKED_CU_SEQLENS: in each row a document crosses the cut),
+    # against the unsplit packed model; each family's boundary cases at CP=4 are in test_context_parallel_math.py.
+    config, overrides = case("hybrid-every-mixer", zero_stage)
+    assert_matches_unsplit(None, zero_stage, cp_results[f"packed-hybrid-every-mixer-{zero_stage}"], packed=True,
+                           seq_len=SEQ_LEN, config=(config, overrides))
 
 
 def test_bad_context_parallel_configs_stop_before_any_process_group():
@@ -53,8 +63,6 @@ def test_bad_context_parallel_configs_stop_before_any_process_group():
     with pytest.raises(ConfigError, match="short convolution needs the previous piece's last 3 inputs"):
         load_config(TINY / "mamba2.yaml", ["parallel.context_parallel_size=4", "data.mode=concat", "data.seq_len=8",
                                            "data.tokens_per_step=32", "data.micro_batch_size=1"], world_size=4)
-    with pytest.raises(ConfigError, match="packed documents"):
-        load_config(TINY / "xlstm.yaml", [cp2, "data.mode=concat", "data.separate_documents=true"], world_size=2)
 
 
 def test_two_heads_train_with_cp4_where_ulysses_cannot_split_them(train):
@@ -109,19 +117,24 @@ def test_cp2_times_sp2_on_four_ranks_matches_the_unsplit_model(tmp_path):
     # their heads' share between pieces, attention gathers keys and values across pieces inside
     # DistributedAttention; Mamba-2 (and Mamba, MoM, BST, SCOUT in the hybrid) run gathered over the 4 ranks.
     cases = {"xlstm-2": case("xlstm", 2), "mamba2-2": case("mamba2", 2),
-             "hybrid-every-mixer-2": case("hybrid-every-mixer", 2), "hybrid-every-mixer-3": case("hybrid-every-mixer", 3)}
+             "hybrid-every-mixer-2": case("hybrid-every-mixer", 2), "hybrid-every-mixer-3": case("hybrid-every-mixer", 3),
+             "packed-hybrid-every-mixer-2": case("hybrid-every-mixer", 2)}
     cases["mamba2-2"] = (cases["mamba2-2"][0], [*cases["mamba2-2"][1], "model.mamba2.n_groups=2"])
     results = run_sp(cases, tmp_path, split="parallel.context_parallel_size=2", nproc=4, seq_len=64,
                      extra=["parallel.sequence_parallel_size=2"])
     for name, (config, overrides) in cases.items():
-        assert_matches_unsplit(None, int(name[-1]), results[name], packed=False, seq_len=64, config=(config, overrides))
+        assert_matches_unsplit(None, int(name[-1]), results[name], packed=name.startswith("packed-"), seq_len=64,
+                               config=(config, overrides))
 
 
 def test_cp4_matches_the_unsplit_model(tmp_path):
     # 4 pieces of 16: the middle pieces run from the scan of their predecessors' states and transitions (a
     # matrix for the delta rule), their convolutions from the halo; MoM's state is relayed through 3 rounds.
     names = ["xlstm", "mamba", "mamba2", "hgrn2", "gated_deltanet", "mom", "sliding_window"]
-    cases = {f"{name}-2": case(name, 2) for name in names} | {"hybrid-every-mixer-3": case("hybrid-every-mixer", 3)}
+    # On packed documents (PACKED_CU_SEQLENS), the second row's document runs through the middle pieces.
+    cases = {f"{name}-2": case(name, 2) for name in names} | {"hybrid-every-mixer-3": case("hybrid-every-mixer", 3),
+                                                              "packed-hybrid-every-mixer-3": case("hybrid-every-mixer", 3)}
     results = run_sp(cases, tmp_path, split="parallel.context_parallel_size=4", nproc=4, seq_len=64)
     for name, (config, overrides) in cases.items():
-        assert_matches_unsplit(None, int(name[-1]), results[name], packed=False, seq_len=64, config=(config, overrides))
+        assert_matches_unsplit(None, int(name[-1]), results[name], packed=name.startswith("packed-"), seq_len=64,
+                               config=(config, overrides))

@@ -3,13 +3,17 @@ scan over its predecessors gives (train/context_parallel.py start_state, the mix
 unsplit mixer, outputs and every gradient. The collectives around it are tested on real ranks in
 test_context_parallel.py; here 4 pieces exercise the carry through the middle pieces."""
 
+import copy
+import threading
+
 import pytest
 import torch
 from harness import TINY
 
 from models import CausalLM
+from models.documents import Documents
 from train.config import load_config
-from train.context_parallel import cp_mode, start_state
+from train.context_parallel import ContextParallel, ContextParallelMixer, cp_mode, start_state
 
 # (tiny config, overrides, layer letter): every state-passing mixer; pieces of 12 tokens do not divide the
 # chunk sizes (16, 32).
@@ -61,6 +65,112 @@ def test_pieces_from_passed_states_equal_the_whole_sequence(family):
     expected = grads(whole)
     split = simulated_pieces(mixer, x, 4)
     got = grads(split)
+    assert ((split - whole).norm() / whole.norm()).item() < 1e-5
+    assert got.keys() == expected.keys()
+    for name, g in expected.items():
+        err = ((got[name] - g).norm() / g.norm().clamp_min(1e-12)).item()
+        assert err < 1e-5, f"{name}: {err:.2e}"
+
+
+# Packed documents under CP, on the ranks' own code (train/context_parallel.py ContextParallel) run in one
+# process: each of 4 threads is a CP rank of 12 tokens, its collectives a rendezvous handing every rank the
+# others' tensors themselves, so one backward of the summed outputs gives the gradients the real exchange's
+# reduce-scatter would. Boundaries chosen to hit each case: documents starting at a piece's start (row 1 at 12
+# and 24), inside a middle piece's convolution halo (row 0 at 11, row 1 at 22), of one token (row 1 at 47), and
+# one document over every piece (row 2: the state carried through the middle pieces' transitions).
+PACKED_CU_SEQLENS = [0, 5, 11, 30, 40, 48, 60, 70, 72, 95, 96, 144]
+PACKED_FAMILIES = FAMILIES | {
+    "attention": ("transformer", []),
+    "sliding_window_halo": ("transformer", ["model.pattern=W", "model.sliding_window.window=8"]),
+    "sliding_window_wide": ("transformer", ["model.pattern=W", "model.sliding_window.window=20"]),
+    "mom": ("mom", []),
+    "bst": ("bst", []),
+    "scout": ("scout", []),
+}
+
+
+class Rendezvous:
+    """The collectives of `size` threads: every rank's tensor, in rank order."""
+
+    def __init__(self, size: int):
+        self.slots, self.barrier = [None] * size, threading.Barrier(size)
+
+    def exchange(self, rank: int, x: torch.Tensor) -> list[torch.Tensor]:
+        self.slots[rank] = x
+        self.barrier.wait()
+        out = list(self.slots)
+        self.barrier.wait()
+        return out
+
+
+class ThreadRank(ContextParallel):
+    def __init__(self, rank: int, size: int, meeting: Rendezvous):
+        self.group = self.seq_group = self.sp = None
+        self.rank = self.seq_rank = rank
+        self.size, self.meeting = size, meeting
+
+    def all_gather(self, x, dim=1):
+        return torch.cat(self.meeting.exchange(self.rank, x), dim=dim)
+
+    def gather_sequence(self, x):
+        return self.all_gather(x, dim=1)
+
+    def all_reduce(self, x):
+        return torch.stack(self.meeting.exchange(self.rank, x)).sum(0)
+
+
+def cp_ranks_on_threads(mixer, x: torch.Tensor, docs: Documents, size: int):
+    """Every rank's output of `docs` packed in x (B, T, D), concatenated, and the rank's wrapped copies."""
+    meeting, outputs, errors = Rendezvous(size), [None] * size, []
+    copies = [copy.deepcopy(mixer) for _ in range(size)]
+    for rank, m in enumerate(copies):
+        cls = type(m)
+        m.__class__ = type(f"ContextParallel{cls.__name__}", (ContextParallelMixer, cls), {})
+        m.cp = ThreadRank(rank, size, meeting)
+
+    def work(rank):
+        try:
+            outputs[rank] = copies[rank].forward_packed(x.chunk(size, dim=1)[rank], docs)
+        except BaseException as e:  # noqa: BLE001 - reported below, with the other ranks released
+            errors.append(e)
+            meeting.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return torch.cat(outputs, dim=1), copies
+
+
+@pytest.mark.parametrize("family", PACKED_FAMILIES)
+def test_packed_documents_over_four_pieces_equal_each_document_alone(family):
+    config, overrides = PACKED_FAMILIES[family]
+    cfg = load_config(TINY / f"{config}.yaml", ["parallel.precision=fp32", *overrides])
+    torch.manual_seed(0)
+    mixer = CausalLM(cfg.model).blocks[0].mixer
+    x = torch.randn(3, 48, cfg.model.d_model, requires_grad=True)
+    weights = torch.randn(3, 48, cfg.model.d_model, generator=torch.Generator().manual_seed(1))
+    docs = Documents.from_cu_seqlens(torch.tensor(PACKED_CU_SEQLENS), 3, 48)
+
+    # Reference: every document run alone from a fresh state through the mixer's plain forward.
+    flat = x.flatten(0, 1)
+    bounds = list(zip(PACKED_CU_SEQLENS[:-1], PACKED_CU_SEQLENS[1:]))
+    whole = torch.cat([mixer(flat[a:b][None])[0][0] for a, b in bounds]).view_as(x)
+    (whole * weights).sum().backward()
+    expected = {n: p.grad.clone() for n, p in mixer.named_parameters() if p.grad is not None} | {"x": x.grad.clone()}
+    x.grad = None
+    mixer.aux_loss = None  # MoM's, of the reference: a graph's tensor cannot be deep-copied
+
+    split, copies = cp_ranks_on_threads(mixer, x, docs, 4)
+    (split * weights).sum().backward()
+    got = {"x": x.grad}
+    for name, _ in mixer.named_parameters():
+        grads = [dict(m.named_parameters())[name].grad for m in copies]
+        if any(g is not None for g in grads):
+            got[name] = sum(g for g in grads if g is not None)
     assert ((split - whole).norm() / whole.norm()).item() < 1e-5
     assert got.keys() == expected.keys()
     for name, g in expected.items():
