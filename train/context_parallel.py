@@ -257,7 +257,8 @@ class ContextParallel:
         exchanged += [t for row in rows for t in row]
         owns = [unflatten_state(own, row[:n]) for row in rows]
         if not first:
-            state = start_state(mixer, owns, [row[n:] for row in rows], self.rank, piece and piece.cut)
+            state = start_state(mixer, owns, [row[n:] for row in rows], self.rank,
+                                None if piece is None else piece.cut)
             y = run(inputs, state)[0] if piece is None else self.finish_heads(y, run, inputs, state, piece)
         # Every rank's output depends on every exchanged tensor (with zero gradient where unused), so every rank
         # runs each exchange's backward collective.
