@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.attention import attention, checkpoint_attention  # noqa: E402
+from mixer_kernels.attention import attention, checkpoint_attention  # noqa: E402
 from models import CausalLM  # noqa: E402
 from train.config import load_config  # noqa: E402
 

@@ -7,8 +7,8 @@ H100 (sm_90) at every shape a shipped config runs, against the spill budget. No 
 Shapes: every config under configs/ (and configs/tiny/) is built on the meta device at its own precision, every
 model of configs/recall/ in fp32; each mLSTM, HGRN2,
 MoM and Gated DeltaNet mixer names the (head dims, chunk) its Triton op runs at. Every (op, head dims, chunk, dtype) found is
-compiled with the specs its launcher uses (`aot_specs` in kernels/<op>/triton.py), then each module's
-AOT_KERNELS (shown apart: fp32 at K = 256 is compiled for its shared memory, no config runs it). Budget (kernels/aot.SPILL_BUDGET): a forward kernel spills nothing, a backward kernel at most
+compiled with the specs its launcher uses (`aot_specs` in mixer_kernels/<op>/triton.py), then each module's
+AOT_KERNELS (shown apart: fp32 at K = 256 is compiled for its shared memory, no config runs it). Budget (mixer_kernels/aot.SPILL_BUDGET): a forward kernel spills nothing, a backward kernel at most
 512 bytes per thread (a spill is a round trip to local memory inside the chunk loop; a little of it in the
 backward, which is bound by its dots, costs a few percent, a forward spill sits on every decoding prefill).
 Shared memory and warps come from Triton's compile metadata, registers and stack (spill) bytes from the cubin.
@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from kernels import aot  # noqa: E402
-from kernels.delta_rule.dispatch import TRITON_CHUNK as DELTA_RULE_CHUNK  # noqa: E402
-from kernels.gla.dispatch import TRITON_CHUNK as GLA_CHUNK  # noqa: E402
+from mixer_kernels import aot  # noqa: E402
+from mixer_kernels.delta_rule.dispatch import TRITON_CHUNK as DELTA_RULE_CHUNK  # noqa: E402
+from mixer_kernels.gla.dispatch import TRITON_CHUNK as GLA_CHUNK  # noqa: E402
 
 
 def triton_shapes(model: torch.nn.Module) -> set[tuple[str, int, int, int]]:
@@ -43,15 +43,15 @@ def triton_shapes(model: torch.nn.Module) -> set[tuple[str, int, int, int]]:
     shapes = set()
     for m in model.modules():
         if isinstance(m, MLSTMMixer):
-            shapes.add(("kernels.mlstm.triton", m.qk_head_dim, m.v_head_dim, m.mlstm_cfg.chunk_size))
+            shapes.add(("mixer_kernels.mlstm.triton", m.qk_head_dim, m.v_head_dim, m.mlstm_cfg.chunk_size))
         elif isinstance(m, HGRN2Mixer):
-            shapes.add(("kernels.gla.triton", m.head_f_dim, m.head_i_dim, m.chunk_size or GLA_CHUNK))
+            shapes.add(("mixer_kernels.gla.triton", m.head_f_dim, m.head_i_dim, m.chunk_size or GLA_CHUNK))
         elif isinstance(m, MoMMixer) and m.backend == "gated_delta_rule":
-            shapes.add(("kernels.delta_rule.triton", m.head_k_dim, m.head_v_dim, m.chunk_size or DELTA_RULE_CHUNK))
+            shapes.add(("mixer_kernels.delta_rule.triton", m.head_k_dim, m.head_v_dim, m.chunk_size or DELTA_RULE_CHUNK))
         elif isinstance(m, MoMMixer):
-            shapes.add(("kernels.gla.triton", m.head_k_dim, m.head_v_dim, m.chunk_size or GLA_CHUNK))
+            shapes.add(("mixer_kernels.gla.triton", m.head_k_dim, m.head_v_dim, m.chunk_size or GLA_CHUNK))
         elif isinstance(m, GatedDeltaNetMixer):
-            shapes.add(("kernels.delta_rule.triton", m.head_k_dim, m.head_v_dim, m.chunk_size or DELTA_RULE_CHUNK))
+            shapes.add(("mixer_kernels.delta_rule.triton", m.head_k_dim, m.head_v_dim, m.chunk_size or DELTA_RULE_CHUNK))
     return shapes
 
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.delta_rule.triton import chunk_gated_delta_rule_triton  # noqa: E402
-from kernels.gla.triton import chunk_gla_triton  # noqa: E402
+from mixer_kernels.delta_rule.triton import chunk_gated_delta_rule_triton  # noqa: E402
+from mixer_kernels.gla.triton import chunk_gla_triton  # noqa: E402
 
 
 def rel_rmse(a, b) -> float:

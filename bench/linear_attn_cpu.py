@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.delta_rule.reference import delta_rule_chunk  # noqa: E402
-from kernels.gla.reference import gla_chunk  # noqa: E402
+from mixer_kernels.delta_rule.reference import delta_rule_chunk  # noqa: E402
+from mixer_kernels.gla.reference import gla_chunk  # noqa: E402
 
 B, H, K, V = 1, 4, 64, 64
 

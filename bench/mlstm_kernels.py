@@ -23,7 +23,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from kernels.mlstm import reference  # noqa: E402
+from mixer_kernels.mlstm import reference  # noqa: E402
 
 
 def _timeit(fn, repeats: int, sync) -> float:
@@ -61,7 +61,7 @@ def main() -> None:
 
     ops = {"reference": lambda: reference.mlstm_chunkwise(q, k, v, i, f, chunk_size=args.chunk)[0]}
     if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        from kernels.mlstm.triton import mlstm_chunkwise_triton
+        from mixer_kernels.mlstm.triton import mlstm_chunkwise_triton
 
         ops["triton (ours)"] = lambda: mlstm_chunkwise_triton(q, k, v, i, f, chunk_size=args.chunk)[0]
     try:  # NX-AI's kernels need T divisible by their chunk size

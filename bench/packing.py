@@ -11,7 +11,7 @@ Prints, for one corpus and one token budget per step:
 2. training tokens/s (real tokens, forward + backward, tiny transformer and tiny Mamba-2 in fp32, the
    three layouts interleaved step by step);
 3. peak memory of packed attention on the CPU at T = 2048, 4096, 8192 (one subprocess per point, peak
-   resident memory above the inputs'): per-document SDPA (kernels/attention/reference.py
+   resident memory above the inputs'): per-document SDPA (mixer_kernels/attention/reference.py
    packed_attention_ref) against the dense (T, T) document mask it replaced. Quadratic growth shows as 4x
    per doubling, linear as 2x.
 """
@@ -67,7 +67,7 @@ def step_time(model: CausalLM, batch: dict) -> float:
 
 def attention_peak(kind: str, t: int) -> None:
     """Child process: peak memory (MiB) of one packed attention forward over T tokens in 4 documents."""
-    from kernels.attention.reference import attention_ref, packed_attention_ref
+    from mixer_kernels.attention.reference import attention_ref, packed_attention_ref
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(t, 4, 64) for _ in range(3))

@@ -31,9 +31,9 @@ import transformers  # noqa: E402
 from transformers.models.mamba import modeling_mamba  # noqa: E402
 from transformers.models.mamba2 import modeling_mamba2  # noqa: E402
 
-from kernels.causal_conv1d import causal_conv1d  # noqa: E402
-from kernels.selective_scan import selective_scan  # noqa: E402
-from kernels.ssd import ssd  # noqa: E402
+from mixer_kernels.causal_conv1d import causal_conv1d  # noqa: E402
+from mixer_kernels.selective_scan import selective_scan  # noqa: E402
+from mixer_kernels.ssd import ssd  # noqa: E402
 from models import CausalLM, ModelConfig  # noqa: E402
 from models.hf import mamba as hf_mamba  # noqa: E402
 from models.hf import mamba2 as hf_mamba2  # noqa: E402
@@ -79,7 +79,7 @@ def model_steps(ours, theirs, batch: int, length: int) -> dict:
 
 
 def core_steps_mamba(mixer, batch: int, length: int) -> dict:
-    """Conv + selective scan of one layer, ours (kernels/) against transformers' fallback functions."""
+    """Conv + selective scan of one layer, ours (mixer_kernels/) against transformers' fallback functions."""
     n = mixer.cfg.d_state
     g = torch.Generator().manual_seed(0)
     u, z, dt = (torch.randn(batch, mixer.d_inner, length, generator=g, requires_grad=True) for _ in range(3))
@@ -101,7 +101,7 @@ def core_steps_mamba(mixer, batch: int, length: int) -> dict:
 
 
 def core_steps_mamba2(mixer, batch: int, length: int) -> dict:
-    """Conv + SSD of one layer, ours (kernels/) against transformers' fallback functions."""
+    """Conv + SSD of one layer, ours (mixer_kernels/) against transformers' fallback functions."""
     m, h = mixer.cfg, mixer.n_heads
     g = torch.Generator().manual_seed(0)
     xbc = torch.randn(batch, mixer.conv1d.in_channels, length, generator=g, requires_grad=True)

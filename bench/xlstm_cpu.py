@@ -37,13 +37,13 @@ def train_step_ours(model: CausalLM, tokens: torch.Tensor, labels: torch.Tensor)
 
 
 def mlstm_op_seconds(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> dict[str, float] | None:
-    """Median forward + backward time of the mLSTM op, ours (kernels/mlstm reference) and mlstm_kernels'
+    """Median forward + backward time of the mLSTM op, ours (mixer_kernels/mlstm reference) and mlstm_kernels'
     native chunkwise, interleaved; None without mlstm_kernels."""
     try:
         from mlstm_kernels.torch.chunkwise.native import mlstm_chunkwise__native_autograd
     except ImportError:
         return None
-    from kernels.mlstm.reference import mlstm_chunkwise
+    from mixer_kernels.mlstm.reference import mlstm_chunkwise
 
     heads, chunk = cfg.n_heads, cfg.mlstm.chunk_size
     dqk, dv = int(cfg.d_model * cfg.mlstm.qk_dim_factor) // heads, int(cfg.d_model * cfg.mlstm.v_dim_factor) // heads

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import torch  # noqa: E402
 
 from data import DataError  # noqa: E402
-from kernels.backend import KernelFallbackError, KernelSettingsError  # noqa: E402
 from launch.export_hf import find_checkpoint  # noqa: E402
+from mixer_kernels.backend import KernelFallbackError, KernelSettingsError  # noqa: E402
 from models import CausalLM, ModelConfig  # noqa: E402
 from train.checkpoint import CheckpointError, consolidated_state_dict  # noqa: E402
 from train.kernel_report import check_kernels, kernel_report  # noqa: E402

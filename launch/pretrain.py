@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
 from data import DataError  # noqa: E402
-from kernels.backend import KernelFallbackError, KernelSettingsError  # noqa: E402
+from mixer_kernels.backend import KernelFallbackError, KernelSettingsError  # noqa: E402
 from train.checkpoint import CHECKPOINT_FAILED_EXIT_CODE, CheckpointError, CheckpointWriteError  # noqa: E402
 from train.config import ConfigError, load_config  # noqa: E402
 from train.logs import configure_logging  # noqa: E402

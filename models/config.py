@@ -8,14 +8,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kernels.attention.dispatch import FLASH_MAX_HEAD_DIM
-from kernels.causal_conv1d.dispatch import WIDTHS as CONV_WIDTHS
-from kernels.delta_rule.dispatch import TRITON_CHUNK_SIZES as DELTA_RULE_CHUNKS
-from kernels.delta_rule.dispatch import TRITON_MAX_KEY_DIM as DELTA_RULE_MAX_KEY
-from kernels.gla.dispatch import TRITON_CHUNK_SIZES as GLA_CHUNKS
-from kernels.gla.dispatch import TRITON_MAX_KEY_DIM as GLA_MAX_KEY
-from kernels.mlstm.dispatch import TRITON_CHUNK_SIZES as MLSTM_CHUNKS
-from kernels.selective_scan.dispatch import MAX_D_STATE as SCAN_MAX_D_STATE
+from mixer_kernels.attention.dispatch import FLASH_MAX_HEAD_DIM
+from mixer_kernels.causal_conv1d.dispatch import WIDTHS as CONV_WIDTHS
+from mixer_kernels.delta_rule.dispatch import TRITON_CHUNK_SIZES as DELTA_RULE_CHUNKS
+from mixer_kernels.delta_rule.dispatch import TRITON_MAX_KEY_DIM as DELTA_RULE_MAX_KEY
+from mixer_kernels.gla.dispatch import TRITON_CHUNK_SIZES as GLA_CHUNKS
+from mixer_kernels.gla.dispatch import TRITON_MAX_KEY_DIM as GLA_MAX_KEY
+from mixer_kernels.mlstm.dispatch import TRITON_CHUNK_SIZES as MLSTM_CHUNKS
+from mixer_kernels.selective_scan.dispatch import MAX_D_STATE as SCAN_MAX_D_STATE
 
 # One letter per mixer family, as in Megatron's hybrid layer pattern. Families land one by one;
 # a letter appears here when its mixer exists in models/mixers/.

@@ -132,7 +132,7 @@ class CausalLM(nn.Module):
         return forward * (TRAINING_FACTOR if training else 1)
 
     def kernel_ops(self) -> dict[str, list[int]]:
-        """Each kernels/ op the model calls (training and decoding) -> the layers that call it."""
+        """Each mixer_kernels/ op the model calls (training and decoding) -> the layers that call it."""
         ops: dict[str, list[int]] = {}
         for i, block in enumerate(self.blocks):
             for op in block.mixer.kernel_ops:

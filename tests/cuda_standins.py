@@ -255,7 +255,7 @@ def install(monkeypatch) -> None:
 
 def uninstall() -> None:
     """Forget the packages' modules (the stand-ins themselves leave with the monkeypatch)."""
-    from kernels import backend
+    from mixer_kernels import backend
 
     for name in [n for n in sys.modules if n.split(".")[0] in PACKAGES]:
         del sys.modules[name]

@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from data.config import DataConfig
 from eval.periodic import PeriodicEvalConfig
-from kernels import backend
+from mixer_kernels import backend
 from models.config import ModelConfig, Section
 
 
@@ -64,7 +64,7 @@ class ParallelConfig(Section):
 
 
 class KernelsConfig(Section):
-    """Which path each op of kernels/ takes (kernels/backend.py; the README's kernel table lists the ops)."""
+    """Which path each op of mixer_kernels/ takes (mixer_kernels/backend.py; the README's kernel table lists the ops)."""
 
     backend: Literal["auto", "fast", "reference"] | None = Field(
         None, description="auto: the fast path on CUDA tensors, the PyTorch reference elsewhere; fast: the fast "

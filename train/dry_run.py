@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from kernels.backend import fallback_message
+from mixer_kernels.backend import fallback_message
 from models import CausalLM
 from train.config import RunConfig
 from train.kernel_report import configure_kernels, fallbacks, format_report, run_kernel_report

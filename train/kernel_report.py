@@ -1,5 +1,5 @@
-"""The kernel-path report: for the model, device and dtype of a run, the path each kernels/ op will take and
-why, made before the first step (kernels/backend.py `plan`: the dispatchers' own decision, nothing runs).
+"""The kernel-path report: for the model, device and dtype of a run, the path each mixer_kernels/ op will take and
+why, made before the first step (mixer_kernels/backend.py `plan`: the dispatchers' own decision, nothing runs).
 
 The trainer logs it on rank 0 (console and train.log), writes it to <run_dir>/kernels.json and the wandb
 config, and stops the run when a fast path cannot run under `kernels.strict`; `--dry-run` prints it for a
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import backend
+from mixer_kernels import backend
 from models import CausalLM
 from train.config import RunConfig
 
@@ -24,7 +24,7 @@ PACKED_DOCUMENTS = ("packed documents: attention layers by varlen attention on c
 
 
 def configure_kernels(cfg: RunConfig) -> backend.Settings:
-    """The run's `kernels:` section, over $HP_KERNELS (kernels/backend.py)."""
+    """The run's `kernels:` section, over $HP_KERNELS (mixer_kernels/backend.py)."""
     return backend.configure(cfg.kernels.backend, cfg.kernels.overrides, cfg.kernels.strict)
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 _FORMAT = "%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s"
-OUR_PACKAGES = ("train", "kernels", "models", "data", "eval", "launch")
+OUR_PACKAGES = ("train", "mixer_kernels", "models", "data", "eval", "launch")
 _handlers: list[logging.Handler] = []  # ours, replaced (not doubled) by a second call
 
 

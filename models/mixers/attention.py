@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.attention import causal_attention, packed_attention
+from mixer_kernels.attention import causal_attention, packed_attention
 from models.config import ModelConfig
 from models.flops import linear
 
@@ -35,7 +35,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class AttentionMixer(nn.Module):
-    kernel_ops = ("attention",)  # the kernels/ ops this mixer calls (train/kernel_report.py)
+    kernel_ops = ("attention",)  # the mixer_kernels/ ops this mixer calls (train/kernel_report.py)
     window: int | None = None  # keys a query reads; sliding-window attention sets it
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):

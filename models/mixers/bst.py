@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.attention import attention
+from mixer_kernels.attention import attention
 from models.config import ModelConfig
 from models.documents import per_document
 from models.flops import linear
@@ -131,7 +131,7 @@ class BSTState:
 
 
 class BSTMixer(nn.Module):
-    kernel_ops = ("attention",)  # its SSM is an FFT convolution in PyTorch, not a kernels/ op
+    kernel_ops = ("attention",)  # its SSM is an FFT convolution in PyTorch, not a mixer_kernels/ op
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()

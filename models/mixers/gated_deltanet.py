@@ -13,8 +13,8 @@ value head.
 The layout is flash-linear-attention's `GatedDeltaNet` layer (q_proj, k_proj, v_proj, a_proj, b_proj,
 A_log, dt_bias, q/k/v_conv1d, g_proj, o_norm, o_proj) and so is the initialisation (A uniform in (0, 16),
 dt log-uniform in [1e-3, 0.1], convolutions normal like the linears), so weights map one to one
-(models/hf/gated_deltanet.py). The recurrence is our gated delta rule (kernels/delta_rule: the Triton chunk
-kernel on the GPU, the PyTorch reference else); the convolutions are kernels/causal_conv1d.
+(models/hf/gated_deltanet.py). The recurrence is our gated delta rule (mixer_kernels/delta_rule: the Triton chunk
+kernel on the GPU, the PyTorch reference else); the convolutions are mixer_kernels/causal_conv1d.
 
 State: `GDNState`, the (B, n_v_heads, head_dim, value width) fp32 state and each convolution's last inputs.
 """
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
-from kernels.delta_rule.dispatch import TRITON_CHUNK
+from mixer_kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
+from mixer_kernels.delta_rule.dispatch import TRITON_CHUNK
 from models.config import ModelConfig
 from models.flops import chunk_width, linear
 from models.mixers.mamba import ShortConv, softplus_inverse_dt

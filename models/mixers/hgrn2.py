@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.gla import chunk_gla, gla_step
-from kernels.gla.dispatch import TRITON_CHUNK
-from kernels.gla.reference import zero_state
+from mixer_kernels.gla import chunk_gla, gla_step
+from mixer_kernels.gla.dispatch import TRITON_CHUNK
+from mixer_kernels.gla.reference import zero_state
 from models.config import ModelConfig
 from models.flops import chunk_width, linear
 
@@ -113,7 +113,7 @@ class HGRN2Mixer(nn.Module):
         return chunk_gla(q, k, v, g, chunk_size=self.chunk_size)[0]
 
     def mix_packed(self, q, k, v, g, docs) -> torch.Tensor:
-        """`mix` of packed documents in one call: the GLA kernels take cu_seqlens (kernels/varlen.py)."""
+        """`mix` of packed documents in one call: the GLA kernels take cu_seqlens (mixer_kernels/varlen.py)."""
         o, _ = chunk_gla(*map(docs.flat, (q, k, v, g)), chunk_size=self.chunk_size, cu_seqlens=docs.cu_seqlens)
         return docs.rows(o)
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
-from kernels.selective_scan import selective_scan, selective_state_update
+from mixer_kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from mixer_kernels.selective_scan import selective_scan, selective_state_update
 from models.config import ModelConfig
 from models.documents import per_document
 from models.flops import linear
@@ -38,7 +38,7 @@ class ShortConv(nn.Conv1d):
     """Depthwise causal convolution with SiLU over (B, T, C), carrying the last d_conv - 1 inputs as state.
 
     An nn.Conv1d so its weight (C, 1, W), bias and key `conv1d.weight` are those of transformers and
-    mamba-ssm; the computation goes through kernels/causal_conv1d.
+    mamba-ssm; the computation goes through mixer_kernels/causal_conv1d.
     """
 
     def __init__(self, channels: int, width: int, bias: bool):

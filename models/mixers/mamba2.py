@@ -2,7 +2,7 @@
 
 Per layer: one in_proj to (z, xBC, dt); depthwise causal conv (with bias) and SiLU over xBC, split into
 x (heads of headdim channels), B and C (n_groups each); SSD with a scalar decay A = -exp(A_log) per
-head, dt = softplus(dt + dt_bias) and the skip D (kernels/ssd); a gated RMSNorm per group,
+head, dt = softplus(dt + dt_bias) and the skip D (mixer_kernels/ssd); a gated RMSNorm per group,
 RMSNorm(y * silu(z)); out_proj. Parameter names and shapes equal transformers' (and mamba-ssm's
 `Mamba2` without its optional extra MLP), so models/hf/mamba2.py maps weights one to one.
 """
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.ssd import ssd, ssd_step
-from kernels.ssd.reference import process_dt
+from mixer_kernels.ssd import ssd, ssd_step
+from mixer_kernels.ssd.reference import process_dt
 from models.config import ModelConfig
 from models.flops import chunk_width, linear
 from models.mixers.mamba import ShortConv, SSMState, exclude_from_weight_decay, softplus_inverse_dt

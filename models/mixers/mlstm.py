@@ -2,7 +2,7 @@
 
 Per layer: q, k (qk_dim_factor * d_model), v and the output gate (v_dim_factor * d_model) from linear
 maps of the normed input; one scalar input and forget gate per head from linear maps with biases,
-soft-capped; the matrix-memory cell (kernels/mlstm); a per-head LayerNorm (weight, no bias); the
+soft-capped; the matrix-memory cell (mixer_kernels/mlstm); a per-head LayerNorm (weight, no bias); the
 sigmoid output gate; the out projection. Parameter shapes and order match transformers'
 `xLSTMLayer`, so models/hf/xlstm.py maps weights one to one.
 """
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.mlstm import MLSTMState, mlstm_chunkwise, mlstm_recurrent_step, zero_state
-from kernels.varlen import RESET
+from mixer_kernels.mlstm import MLSTMState, mlstm_chunkwise, mlstm_recurrent_step, zero_state
+from mixer_kernels.varlen import RESET
 from models.config import ModelConfig
 from models.flops import chunk_width, linear
 
@@ -120,7 +120,7 @@ class MLSTMMixer(nn.Module):
         return self._cell(q, k, v, i, f, None)[0]
 
     def mix_packed(self, q, k, v, i, f, docs) -> torch.Tensor:
-        """`mix` of packed documents in one call: the mLSTM kernels take cu_seqlens (kernels/varlen.py), each
+        """`mix` of packed documents in one call: the mLSTM kernels take cu_seqlens (mixer_kernels/varlen.py), each
         document a fresh sequence, stabiliser included."""
         h, _ = self._cell(*map(docs.flat, (q, k, v, i, f)), None, docs.cu_seqlens)
         return docs.rows(h)

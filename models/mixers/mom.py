@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
-from kernels.delta_rule.dispatch import TRITON_CHUNK as DELTA_RULE_CHUNK
-from kernels.gla import chunk_gla, gla_step
-from kernels.gla.dispatch import TRITON_CHUNK as GLA_CHUNK
+from mixer_kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
+from mixer_kernels.delta_rule.dispatch import TRITON_CHUNK as DELTA_RULE_CHUNK
+from mixer_kernels.gla import chunk_gla, gla_step
+from mixer_kernels.gla.dispatch import TRITON_CHUNK as GLA_CHUNK
 from models.config import ModelConfig
 from models.documents import per_document
 from models.flops import chunk_width, linear
@@ -120,7 +120,7 @@ class MoMMixer(nn.Module):
 
     @property
     def kernel_ops(self) -> tuple[str, ...]:
-        # The short convolutions are F.conv1d over each memory's own tokens, not a kernels/ op.
+        # The short convolutions are F.conv1d over each memory's own tokens, not a mixer_kernels/ op.
         return ("delta_rule", "delta_rule_step") if self.backend == "gated_delta_rule" else ("gla", "gla_step")
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -12,7 +12,7 @@ Formulation implemented (per layer, on the normed input x of the block):
 3. Checkpoint attention. With h = RMSNorm(u), token t attends, in one softmax, to itself and to the
    checkpoints of the segments before its own (j < t // S, i.e. checkpoint positions < t): RoPE'd
    queries and keys from the attention mixer's projections. Attention cost and memory grow as
-   T * (T / S + 1), not T^2 (kernels/attention `checkpoint_attention`). Its local context reaches it
+   T * (T / S + 1), not T^2 (mixer_kernels/attention `checkpoint_attention`). Its local context reaches it
    through u only. Causality is exact: a checkpoint is visible only after its segment has ended.
 4. Output: u + o_proj(attention); the block adds the residual and its FFN around it.
 
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels.attention import checkpoint_attention
+from mixer_kernels.attention import checkpoint_attention
 from models.config import ModelConfig
 from models.documents import per_document
 from models.mixers.attention import AttentionMixer, KVCache

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention import attention
+from mixer_kernels.attention import attention
 from models.config import ModelConfig
 from models.mixers.attention import AttentionMixer
 

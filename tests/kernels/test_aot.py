@@ -1,5 +1,5 @@
 """Every Triton kernel compiles for A100 (sm_80) and H100 (sm_90) in every dtype and config it registers and at
-every shape a shipped config runs, within the spill budget there (kernels/aot.SPILL_BUDGET).
+every shape a shipped config runs, within the spill budget there (mixer_kernels/aot.SPILL_BUDGET).
 
 The compiler runs in a subprocess without TRITON_INTERPRET (which the rest of the suite sets), since the
 interpreter replaces kernels by Python functions.
@@ -16,7 +16,7 @@ from harness import ROOT
 pytestmark = pytest.mark.slow
 
 
-def run_aot(tmp_path, *args: str, command=("-m", "kernels.aot")) -> tuple[int, dict, str]:
+def run_aot(tmp_path, *args: str, command=("-m", "mixer_kernels.aot")) -> tuple[int, dict, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
     out = tmp_path / "aot.json"
     proc = subprocess.run([sys.executable, *command, "--json", str(out), *args], env=env, cwd=ROOT,
@@ -31,13 +31,13 @@ def test_every_shipped_shape_compiles_within_the_spill_budget(tmp_path):
     assert {("mlstm", 256, 512, 64, "bf16"), ("gla", 128, 128, 16, "bf16"), ("delta_rule", 256, 256, 16, "bf16"),
             ("mlstm", 32, 64, 64, "fp32"), ("delta_rule", 16, 16, 16, "fp32")} <= shipped, shipped
     at_shipped = [r for r in report["results"] if r["shipped_shape"]]
-    assert {r["module"] for r in at_shipped} == {f"kernels.{m}.triton" for m, *_ in shipped}
+    assert {r["module"] for r in at_shipped} == {f"mixer_kernels.{m}.triton" for m, *_ in shipped}
     assert all(r["ok"] and r["stack_bytes"] is not None for r in at_shipped)
     over = [f"{r['kernel']} {r['target']} {r['dtype']} {r['config']}: {r['stack_bytes']} B" for r in at_shipped
             if r["over_budget"]]
     assert not over, "spills over budget (forward 0, backward 512 bytes a thread):\n" + "\n".join(over)
     # MoM's `gla` backend at its head size 256 is compiled too (AOT_KERNELS), in every dtype.
-    assert {r["dtype"] for r in report["results"] if r["module"] == "kernels.gla.triton"
+    assert {r["dtype"] for r in report["results"] if r["module"] == "mixer_kernels.gla.triton"
             and "K=256" in r["config"].split(",")} == {"fp32", "bf16", "fp16"}
     assert code == 0, output[-3000:]
 
@@ -62,10 +62,10 @@ def test_every_registered_kernel_compiles_and_fits_on_a100_and_h100(tmp_path):
     narrow = [f"{r['kernel']} {r['dtype']} {r['config']}" for r in report["results"] if r["narrow_program_ids"]]
     assert not narrow, "kernels that index in 32 bits:\n" + "\n".join(narrow)
     # Every chunk size the dispatchers allow is compiled.
-    from kernels.delta_rule.dispatch import TRITON_CHUNK_SIZES as DELTA_RULE_CHUNKS
-    from kernels.gla.dispatch import TRITON_CHUNK_SIZES as GLA_CHUNKS
+    from mixer_kernels.delta_rule.dispatch import TRITON_CHUNK_SIZES as DELTA_RULE_CHUNKS
+    from mixer_kernels.gla.dispatch import TRITON_CHUNK_SIZES as GLA_CHUNKS
 
-    for module, chunks in (("kernels.gla.triton", GLA_CHUNKS), ("kernels.delta_rule.triton", DELTA_RULE_CHUNKS)):
+    for module, chunks in (("mixer_kernels.gla.triton", GLA_CHUNKS), ("mixer_kernels.delta_rule.triton", DELTA_RULE_CHUNKS)):
         compiled = {int(c.removeprefix("L=")) for r in report["results"] if r["module"] == module
                     for c in r["config"].split(",") if c.startswith("L=")}
         assert compiled == set(chunks), module

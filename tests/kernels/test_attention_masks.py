@@ -1,10 +1,10 @@
-"""kernels/attention on the CPU: every masked path (causal, sliding window, block-causal, packed documents,
+"""mixer_kernels/attention on the CPU: every masked path (causal, sliding window, block-causal, packed documents,
 key prefix, grouped-query heads) and SCOUT's checkpoint attention equal a naive masked softmax written here."""
 
 import pytest
 import torch
 
-from kernels.attention import attention, causal_attention, checkpoint_attention
+from mixer_kernels.attention import attention, causal_attention, checkpoint_attention
 
 
 def naive_attention(q, k, v, allowed):

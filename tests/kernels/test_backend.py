@@ -1,4 +1,4 @@
-"""The one backend mechanism (kernels/backend.py): settings from the config and $HP_KERNELS, the decision
+"""The one backend mechanism (mixer_kernels/backend.py): settings from the config and $HP_KERNELS, the decision
 for every op on CPU and (simulated) CUDA devices, the strict rule, and the retired variables."""
 
 import logging
@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from kernels import backend
+from mixer_kernels import backend
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +99,7 @@ def test_strict_stops_and_not_strict_warns_once(monkeypatch, caplog):
     no_packages(monkeypatch)
     with pytest.raises(backend.KernelFallbackError, match=r"selective_scan.*pip install \.\[cuda\]"):
         backend.choose("selective_scan", FakeCuda())  # strict by default on CUDA
-    with backend.using(strict=False), caplog.at_level(logging.WARNING, logger="kernels.backend"):
+    with backend.using(strict=False), caplog.at_level(logging.WARNING, logger="mixer_kernels.backend"):
         for _ in range(3):
             assert backend.choose("selective_scan", FakeCuda()).path == "reference"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -134,7 +134,7 @@ def test_triton_ops_run_on_cpu_only_under_the_interpreter(monkeypatch):
 
 def test_retired_variables_warn_and_name_their_replacement(monkeypatch, caplog):
     monkeypatch.setenv("MLSTM_BACKEND", "triton")
-    with caplog.at_level(logging.WARNING, logger="kernels.backend"):
+    with caplog.at_level(logging.WARNING, logger="mixer_kernels.backend"):
         backend.settings()
         backend.settings()
     messages = [r.getMessage() for r in caplog.records]
@@ -152,7 +152,7 @@ def test_readme_kernel_table_lists_every_op():
 
 def test_triton_launches_run_under_their_tensors_device():
     """Triton launches on the current CUDA device: the launchers enter the tensors' own (cuda:1 here)."""
-    from kernels import triton_launch
+    from mixer_kernels import triton_launch
 
     class OnCuda1:
         is_cuda, device = True, torch.device("cuda", 1)
@@ -163,9 +163,9 @@ def test_triton_launches_run_under_their_tensors_device():
         pass
     import inspect
 
-    from kernels.delta_rule import triton as delta_rule
-    from kernels.gla import triton as gla
-    from kernels.mlstm import triton as mlstm
+    from mixer_kernels.delta_rule import triton as delta_rule
+    from mixer_kernels.gla import triton as gla
+    from mixer_kernels.mlstm import triton as mlstm
 
     for module in (mlstm, gla, delta_rule):  # every autograd.Function entry point enters it
         functions = [f for f in vars(module).values() if isinstance(f, type) and issubclass(f, torch.autograd.Function)]

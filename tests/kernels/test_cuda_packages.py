@@ -5,14 +5,14 @@ extensions only), forward and backward, against our references and the packages'
 import pytest
 import torch
 
-from kernels.attention.dispatch import flash_packed, flash_with
-from kernels.attention.reference import attention_ref
-from kernels.causal_conv1d.dispatch import conv_with
-from kernels.causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
-from kernels.selective_scan import reference as scan_reference
-from kernels.selective_scan.dispatch import scan_with
-from kernels.ssd.dispatch import ssd_step_with, ssd_with
-from kernels.ssd.reference import process_dt, ssd_chunked, ssd_step_ref
+from mixer_kernels.attention.dispatch import flash_packed, flash_with
+from mixer_kernels.attention.reference import attention_ref
+from mixer_kernels.causal_conv1d.dispatch import conv_with
+from mixer_kernels.causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
+from mixer_kernels.selective_scan import reference as scan_reference
+from mixer_kernels.selective_scan.dispatch import scan_with
+from mixer_kernels.ssd.dispatch import ssd_step_with, ssd_with
+from mixer_kernels.ssd.reference import process_dt, ssd_chunked, ssd_step_ref
 
 pytestmark = pytest.mark.usefixtures("cuda_packages")
 
@@ -258,7 +258,7 @@ def test_packed_documents_through_flash_attn_varlen(window):
     tokens against our per-document reference, in bf16 as above."""
     from flash_attn import flash_attn_varlen_func
 
-    from kernels.attention.reference import packed_attention_ref
+    from mixer_kernels.attention.reference import packed_attention_ref
 
     cu = torch.tensor([0, 1, 16, 37, 48, 96], dtype=torch.int32)  # a 1-token document; 48..96: a whole row
     q, k, v = (randn(96, h, 16).to(torch.bfloat16) for h in (4, 2, 2))

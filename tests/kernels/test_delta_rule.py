@@ -1,4 +1,4 @@
-"""Tests of kernels/delta_rule: recurrence -> WY chunk reference -> Triton chunk kernel, forward and
+"""Tests of mixer_kernels/delta_rule: recurrence -> WY chunk reference -> Triton chunk kernel, forward and
 backward, and agreement with flash-linear-attention's naive gated delta rule (an external reference).
 
 The Triton kernels run under TRITON_INTERPRET=1 on the CPU (set by tests/conftest.py before triton loads).
@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels.delta_rule import delta_rule_step, reference  # noqa: E402
+from mixer_kernels.delta_rule import delta_rule_step, reference  # noqa: E402
 
 
 def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,7 +93,7 @@ TOLERANCE = {torch.float32: 5e-6, torch.float16: 3e-3}
 @pytest.mark.parametrize("T,K,V,with_state", KERNEL_SHAPES,
                          ids=[f"T{t}-K{k}-V{v}-{'h0' if s else 'nostate'}" for t, k, v, s in KERNEL_SHAPES])
 def test_triton_matches_reference_forward_and_backward(T, K, V, with_state, dtype, nan_buffers):
-    from kernels.delta_rule.triton import chunk_gated_delta_rule_triton
+    from mixer_kernels.delta_rule.triton import chunk_gated_delta_rule_triton
 
     q, k, v, g, beta, h0 = make_inputs(1, T, 2, K, V, with_state=with_state)
     q, k, v = (x.to(dtype).float() for x in (q, k, v))  # the values the half kernel sees, in fp32
@@ -114,7 +114,7 @@ def test_triton_matches_reference_forward_and_backward(T, K, V, with_state, dtyp
 
 
 def test_triton_rejects_bad_inputs():
-    from kernels.delta_rule.triton import chunk_gated_delta_rule_triton
+    from mixer_kernels.delta_rule.triton import chunk_gated_delta_rule_triton
 
     q, k, v, g, beta, _ = make_inputs(1, 8, 1, 16, 16)
     with pytest.raises(ValueError, match="chunk_size"):
@@ -124,7 +124,7 @@ def test_triton_rejects_bad_inputs():
 
 
 def test_aot_specs_cover_every_kernel_and_dtype():
-    from kernels.delta_rule import triton as gdr_triton
+    from mixer_kernels.delta_rule import triton as gdr_triton
 
     names = {(s["name"], s["dtype"]) for s in gdr_triton.AOT_KERNELS}
     kernels = {"_gdr_wy_kernel", "_gdr_fwd_kernel", "_gdr_bwd_dstates_kernel", "_gdr_bwd_values_kernel",

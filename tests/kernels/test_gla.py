@@ -1,4 +1,4 @@
-"""Tests of kernels/gla: recurrence -> chunk reference -> Triton chunk kernel, forward and backward, and
+"""Tests of mixer_kernels/gla: recurrence -> chunk reference -> Triton chunk kernel, forward and backward, and
 agreement with flash-linear-attention's naive GLA (an external reference) when it is installed.
 
 The Triton kernels run under TRITON_INTERPRET=1 on the CPU (set by tests/conftest.py before triton loads).
@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels.gla import gla_step, reference  # noqa: E402
+from mixer_kernels.gla import gla_step, reference  # noqa: E402
 
 
 def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,7 +96,7 @@ TOLERANCE = {torch.float32: 5e-6, torch.float16: 3e-3}
 @pytest.mark.parametrize("T,K,V,with_state", KERNEL_SHAPES,
                          ids=[f"T{t}-K{k}-V{v}-{'h0' if s else 'nostate'}" for t, k, v, s in KERNEL_SHAPES])
 def test_triton_matches_reference_forward_and_backward(T, K, V, with_state, dtype, nan_buffers):
-    from kernels.gla.triton import chunk_gla_triton
+    from mixer_kernels.gla.triton import chunk_gla_triton
 
     q, k, v, g, h0 = make_inputs(2, T, 2, K, V, with_state=with_state)
     q, k, v = (x.to(dtype).float() for x in (q, k, v))  # the values the half kernel sees, in fp32
@@ -117,7 +117,7 @@ def test_triton_matches_reference_forward_and_backward(T, K, V, with_state, dtyp
 
 
 def test_triton_survives_strong_decay():
-    from kernels.gla.triton import chunk_gla_triton
+    from mixer_kernels.gla.triton import chunk_gla_triton
 
     q, k, v, _, h0 = make_inputs(1, 32, 1, 16, 16)
     g = torch.full_like(q, -40.0)
@@ -127,7 +127,7 @@ def test_triton_survives_strong_decay():
 
 
 def test_triton_rejects_bad_inputs():
-    from kernels.gla.triton import chunk_gla_triton
+    from mixer_kernels.gla.triton import chunk_gla_triton
 
     q, k, v, g, _ = make_inputs(1, 8, 1, 16, 16)
     with pytest.raises(ValueError, match="chunk_size"):
@@ -139,7 +139,7 @@ def test_triton_rejects_bad_inputs():
 
 
 def test_aot_specs_cover_every_kernel_and_dtype():
-    from kernels.gla import triton as gla_triton
+    from mixer_kernels.gla import triton as gla_triton
 
     names = {(s["name"], s["dtype"]) for s in gla_triton.AOT_KERNELS}
     kernels = {"_gla_fwd_kernel", "_gla_bwd_dstates_kernel", "_gla_bwd_chunk_kernel"}

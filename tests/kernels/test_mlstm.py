@@ -1,4 +1,4 @@
-"""Tests of kernels/mlstm: the chain reference -> recurrent -> chunkwise -> Triton, and the dispatcher.
+"""Tests of mixer_kernels/mlstm: the chain reference -> recurrent -> chunkwise -> Triton, and the dispatcher.
 
 External references this project did not write: transformers' native xLSTM mLSTM functions (always)
 and NX-AI's mlstm_kernels native torch ops (when installed).
@@ -14,7 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.mlstm import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent_step, reference  # noqa: E402
+from mixer_kernels.mlstm import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent_step, reference  # noqa: E402
 
 xlstm_hf = pytest.importorskip("transformers.models.xlstm.modeling_xlstm", reason="transformers xLSTM needed")
 
@@ -310,7 +310,7 @@ def test_triton_half_precision_on_gpu(monkeypatch, dtype, chunk):
 
 
 def test_aot_kernel_specs_cover_every_kernel_argument():
-    from kernels.mlstm.triton import AOT_KERNELS
+    from mixer_kernels.mlstm.triton import AOT_KERNELS
 
     assert {s["dtype"] for s in AOT_KERNELS} == {"fp32", "bf16", "fp16"}
     assert len({s["name"] for s in AOT_KERNELS}) == 5

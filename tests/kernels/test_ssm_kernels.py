@@ -1,4 +1,4 @@
-"""SSM ops (kernels/selective_scan, kernels/ssd, kernels/causal_conv1d): references against each other,
+"""SSM ops (mixer_kernels/selective_scan, mixer_kernels/ssd, mixer_kernels/causal_conv1d): references against each other,
 against plain loops and F.conv1d, against mamba-ssm's and causal-conv1d's own references where installed,
 and the dispatch (clear error for a CUDA path that cannot run, one log line per chosen path). CPU, fp32/fp64.
 """
@@ -8,17 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import backend
-from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
-from kernels.causal_conv1d.dispatch import conv_with
-from kernels.causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
-from kernels.selective_scan import selective_scan, selective_state_update
-from kernels.selective_scan.dispatch import scan_with
-from kernels.selective_scan.reference import selective_scan as selective_scan_cpu
-from kernels.selective_scan.reference import selective_scan_ref
-from kernels.ssd import ssd, ssd_step
-from kernels.ssd.dispatch import ssd_step_with, ssd_with
-from kernels.ssd.reference import process_dt, ssd_chunked, ssd_sequential_ref, ssd_step_ref
+from mixer_kernels import backend
+from mixer_kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from mixer_kernels.causal_conv1d.dispatch import conv_with
+from mixer_kernels.causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
+from mixer_kernels.selective_scan import selective_scan, selective_state_update
+from mixer_kernels.selective_scan.dispatch import scan_with
+from mixer_kernels.selective_scan.reference import selective_scan as selective_scan_cpu
+from mixer_kernels.selective_scan.reference import selective_scan_ref
+from mixer_kernels.ssd import ssd, ssd_step
+from mixer_kernels.ssd.dispatch import ssd_step_with, ssd_with
+from mixer_kernels.ssd.reference import process_dt, ssd_chunked, ssd_sequential_ref, ssd_step_ref
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -305,7 +305,7 @@ def test_causal_conv_matches_causal_conv1d_reference(mamba_ssm):
     assert rel_err(y_t, y_t_ref) < 1e-6 and torch.equal(state_t, conv_state)
 
 
-# ---- dispatch (kernels/backend.py) and the fast-path calls, through stand-ins for the CUDA packages ------
+# ---- dispatch (mixer_kernels/backend.py) and the fast-path calls, through stand-ins for the CUDA packages ------
 
 def op_calls():
     """Each dispatched op with small CPU inputs: name -> call."""
@@ -431,7 +431,7 @@ def test_mamba2_final_state_is_fp32_on_the_fast_path():
 
 def test_mamba2_fp32_final_state_keeps_its_digits_at_long_sequences():
     """The decay from each token to the end is a suffix sum: total minus prefix cancels digits (3e-5 here)."""
-    from kernels.ssd.dispatch import final_state_fp32
+    from mixer_kernels.ssd.dispatch import final_state_fp32
 
     p = ssd_inputs(batch=1, length=8192, heads=2, headdim=4, groups=1, dstate=4, dtype=torch.float32)
     dt = process_dt(p["dt"], None, True, None)

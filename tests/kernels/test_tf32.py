@@ -79,8 +79,8 @@ def errors(fn, reference, half: list[torch.Tensor], full: list[torch.Tensor]) ->
 
 
 def test_gla_at_hgrn2_head_sizes(monkeypatch):
-    from kernels.gla import reference
-    from kernels.gla.triton import chunk_gla_triton
+    from mixer_kernels.gla import reference
+    from mixer_kernels.gla.triton import chunk_gla_triton
 
     g = torch.Generator().manual_seed(0)
     T, K = 256, 128
@@ -93,8 +93,8 @@ def test_gla_at_hgrn2_head_sizes(monkeypatch):
 
 
 def test_gated_delta_rule_at_mom_head_sizes(monkeypatch):
-    from kernels.delta_rule import reference
-    from kernels.delta_rule.triton import chunk_gated_delta_rule_triton
+    from mixer_kernels.delta_rule import reference
+    from mixer_kernels.delta_rule.triton import chunk_gated_delta_rule_triton
 
     g = torch.Generator().manual_seed(0)
     T, K = 128, 256
@@ -110,8 +110,8 @@ def test_gated_delta_rule_at_mom_head_sizes(monkeypatch):
 def test_the_emulation_is_not_a_no_op(monkeypatch):
     """The same GLA run is several times further from the reference with TF32 than without: the wrapped dot
     does round."""
-    from kernels.gla import reference
-    from kernels.gla.triton import chunk_gla_triton
+    from mixer_kernels.gla import reference
+    from mixer_kernels.gla.triton import chunk_gla_triton
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 64, 1, 128, generator=g).half() for _ in range(3))

@@ -1,4 +1,4 @@
-"""Packed documents through the chunked recurrences (kernels/varlen.py): GLA, the gated delta rule and the
+"""Packed documents through the chunked recurrences (mixer_kernels/varlen.py): GLA, the gated delta rule and the
 mLSTM, the PyTorch references and the Triton kernels (TRITON_INTERPRET=1, set by tests/conftest.py), with
 fla's varlen layout (B = 1 over the flattened tokens, cu_seqlens). One packed call, forward and backward,
 equals the token-by-token recurrence (the definition) run on each document alone; for the mLSTM's Triton
@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.delta_rule import reference as delta_ref
-from kernels.delta_rule.triton import chunk_gated_delta_rule_triton
-from kernels.gla import reference as gla_ref
-from kernels.gla.triton import chunk_gla_triton
-from kernels.mlstm import reference as mlstm_ref
-from kernels.mlstm.triton import mlstm_chunkwise_triton
-from kernels.varlen import RESET, ChunkAligned
+from mixer_kernels.delta_rule import reference as delta_ref
+from mixer_kernels.delta_rule.triton import chunk_gated_delta_rule_triton
+from mixer_kernels.gla import reference as gla_ref
+from mixer_kernels.gla.triton import chunk_gla_triton
+from mixer_kernels.mlstm import reference as mlstm_ref
+from mixer_kernels.mlstm.triton import mlstm_chunkwise_triton
+from mixer_kernels.varlen import RESET, ChunkAligned
 
 LENGTHS = [1, 15, 21, 11, 48]
 CU_SEQLENS = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()])

@@ -34,7 +34,7 @@ import yaml  # noqa: E402
 from fla_cpu import patch_norms_and_mlp  # noqa: E402
 from harness import ROOT, TINY, assert_step_and_prefill_equal_forward, job_env, rel_err  # noqa: E402
 
-from kernels import backend  # noqa: E402
+from mixer_kernels import backend  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.lm import CausalLM  # noqa: E402
 

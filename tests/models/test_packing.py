@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import yaml
 from harness import TINY, rel_err
 
-from kernels import backend
+from mixer_kernels import backend
 from models import CausalLM, ModelConfig
 from models.documents import Documents, DocumentsError
 
@@ -77,7 +77,7 @@ def test_packed_forward_and_backward_equal_each_document_alone(family):
 @pytest.mark.parametrize("family,op", [("xlstm", "mlstm"), ("hgrn2", "gla"), ("gated_deltanet", "delta_rule")])
 def test_packed_documents_through_our_triton_kernels(family, op):
     """The same through the mixers with our Triton kernels (TRITON_INTERPRET=1 on the CPU), which take the
-    packed rows in one call with cu_seqlens (kernels/varlen.py), and the documents alone the usual way."""
+    packed rows in one call with cu_seqlens (mixer_kernels/varlen.py), and the documents alone the usual way."""
     with backend.using(overrides={op: "fast"}):
         assert_packed_equals_each_document_alone(tiny_model(family))
 

@@ -67,10 +67,10 @@ def test_generated_modeling_file_inlines_only_what_the_model_needs(tmp_path):
     export_hf(CausalLM(MODELS["hybrid"]), tmp_path)
     source = (tmp_path / "modeling_hybrid.py").read_text()
     compile(source, "modeling_hybrid.py", "exec")
-    assert "def _module__models__mixers__mamba2():" in source and "def _module__kernels__ssd():" in source
+    assert "def _module__models__mixers__mamba2():" in source and "def _module__mixer_kernels__ssd():" in source
     for unused in ("bst", "scout", "mlstm", "hgrn2", "mom", "gated_deltanet"):
         assert f"_module__models__mixers__{unused}" not in source
-    assert "\nfrom models" not in source and "\nfrom kernels" not in source and "\n    from models" not in source
+    assert "\nfrom models" not in source and "\nfrom mixer_kernels" not in source and "\n    from models" not in source
 
 
 @pytest.mark.parametrize("mixers, remote", [

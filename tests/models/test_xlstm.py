@@ -13,7 +13,7 @@ import yaml
 from transformers import xLSTMConfig, xLSTMForCausalLM
 
 import models.mixers.mlstm as mlstm_module
-from kernels.mlstm import mlstm_parallel
+from mixer_kernels.mlstm import mlstm_parallel
 from models import CausalLM, ModelConfig, count_parameters
 from models.hf import xlstm as hf_xlstm
 

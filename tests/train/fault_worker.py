@@ -10,7 +10,7 @@ environment variable; without any, this is launch/pretrain.py.
 - FAULT_FINGERPRINT=path: after every iteration each rank appends the crc32 of its optimizer's parameters
   and state (fp32 partitions under ZeRO) to path.rank<r>.jsonl;
 - COUNT_HOST_SYNCS=path: each rank counts the calls that read a tensor back to the host (Tensor.item,
-  tolist, bool, float, int) made directly by this project's code (train/, models/, kernels/, data/, eval/;
+  tolist, bool, float, int) made directly by this project's code (train/, models/, mixer_kernels/, data/, eval/;
   not DeepSpeed's or PyTorch's), per training-loop iteration (from one train_step call to the next, so an
   iteration's logging counts with it), and appends {"step": the step before it, "syncs": n} lines to
   path.rank<r>.jsonl. On a GPU each such read drains the queue.
@@ -102,7 +102,7 @@ if sync_log := os.environ.get("COUNT_HOST_SYNCS"):
     import torch
     import torch.distributed as dist
 
-    project = [str(Path(__file__).resolve().parents[2] / d) for d in ("train", "models", "kernels", "data", "eval")]
+    project = [str(Path(__file__).resolve().parents[2] / d) for d in ("train", "models", "mixer_kernels", "data", "eval")]
     syncs = [0]
 
     def counted(name):

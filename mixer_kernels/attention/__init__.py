@@ -4,6 +4,11 @@
 the checkpoint attention of SCOUT); `dispatch.py` picks the path per call.
 """
 
-from kernels.attention.dispatch import attention, causal_attention, checkpoint_attention, packed_attention
+from mixer_kernels.attention.dispatch import (
+    attention,
+    causal_attention,
+    checkpoint_attention,
+    packed_attention,
+)
 
 __all__ = ["attention", "causal_attention", "checkpoint_attention", "packed_attention"]

@@ -1,4 +1,4 @@
-"""Picks the selective-scan path (kernels/backend.py): mamba-ssm's CUDA scan and Triton step on a GPU, else PyTorch.
+"""Picks the selective-scan path (mixer_kernels/backend.py): mamba-ssm's CUDA scan and Triton step on a GPU, else PyTorch.
 
 mamba-ssm's `selective_scan_fn` always starts from a zero state. A call with an initial state (a prompt
 prefilled in pieces) still takes it: the scan is linear in the state, so the initial state's part is
@@ -9,8 +9,8 @@ the (B, D, N, T) decay never exists whole.
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import choose, fast_function
-from kernels.selective_scan import reference
+from mixer_kernels.backend import choose, fast_function
+from mixer_kernels.selective_scan import reference
 
 MAX_D_STATE = 256  # what mamba-ssm's selective_scan_fn takes (models/config.py checks it)
 # Elements of one piece of the initial-state correction's (B, D, N, piece) decay tensor.

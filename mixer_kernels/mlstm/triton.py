@@ -37,10 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import triton_launch as launch
-from kernels.mlstm.dispatch import TRITON_CHUNK_SIZES
-from kernels.mlstm.reference import MLSTMState, check_inputs
-from kernels.varlen import packed_call_heads_first
+from mixer_kernels import triton_launch as launch
+from mixer_kernels.mlstm.dispatch import TRITON_CHUNK_SIZES
+from mixer_kernels.mlstm.reference import MLSTMState, check_inputs
+from mixer_kernels.varlen import packed_call_heads_first
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
@@ -331,7 +331,7 @@ def _mlstm_bw_dqkv_kernel(
 
 NUM_WARPS = 8
 # Two pipeline stages for the forward state walk, not Triton's default three: the third stage's prefetch
-# took it to a stack frame at small fp32 heads (the recall recipe's 16 x 32, kernels/aot.py).
+# took it to a stack frame at small fp32 heads (the recall recipe's 16 x 32, mixer_kernels/aot.py).
 FW_STATES_STAGES = 2
 
 
@@ -381,7 +381,7 @@ def _mlstm_fw(q, k, v, i, f, c0, n0, m0, chunk_size, eps):
 
 def _mlstm_bw(q, k, v, i, f, c0, n0, m0, h, m_row, z, dh, dcT, dnT, chunk_size, eps, layout=None):
     """Gradients of q, k, v, i, f and of the initial state (C, n, m); inputs contiguous; `layout`: packed
-    documents (kernels/varlen.py), whose d logf sums run within each document."""
+    documents (mixer_kernels/varlen.py), whose d logf sums run within each document."""
     B, NH, T, DQK = q.shape
     DV = v.shape[-1]
     NC = triton.cdiv(T, chunk_size)
@@ -464,7 +464,7 @@ def mlstm_chunkwise_triton(
 ) -> tuple[torch.Tensor, MLSTMState]:
     """Chunkwise mLSTM with Triton kernels, differentiable in all inputs and the initial state. With
     `cu_seqlens` (packed documents, B = 1, the flattened tokens on the time axis) each document runs as a
-    fresh sequence in one launch per kernel (kernels/varlen.py), and no final state is returned.
+    fresh sequence in one launch per kernel (mixer_kernels/varlen.py), and no final state is returned.
 
     q, k: (B, NH, T, DQK); v: (B, NH, T, DV) (one dtype: fp32, bf16 or fp16); i_preact, f_preact:
     (B, NH, T); initial_state: (C (B,NH,DQK,DV), n (B,NH,DQK), m (B,NH,1)) or None.
@@ -510,7 +510,7 @@ def mlstm_chunkwise_triton(
 
 def aot_specs(dqk: int, dv: int, chunk_size: int, dtype: str) -> list[dict]:
     """The kernels one call at these head sizes, chunk and dtype ('fp32', 'bf16', 'fp16') launches, as
-    ahead-of-time compile entries (kernels/aot.py)."""
+    ahead-of-time compile entries (mixer_kernels/aot.py)."""
     torch_dtype = dict(launch.DTYPES)[dtype]
     in_dtype = {"q_ptr", "k_ptr", "v_ptr", "i_ptr", "f_ptr", "h_ptr", "dh_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
     bk, bv = _blocks(dqk, dv, torch_dtype)

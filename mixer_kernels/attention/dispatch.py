@@ -1,6 +1,6 @@
-"""Picks the attention path (kernels/backend.py): flash-attn on CUDA bf16/fp16 tensors, else SDPA with masks.
+"""Picks the attention path (mixer_kernels/backend.py): flash-attn on CUDA bf16/fp16 tensors, else SDPA with masks.
 
-flash-attn (the `cuda` extra) is imported lazily through kernels/backend.py, here and nowhere else. It
+flash-attn (the `cuda` extra) is imported lazily through mixer_kernels/backend.py, here and nowhere else. It
 covers causal attention with a key prefix (its causal mask is aligned bottom-right, i.e. to positions
 q_offset + i when Tk = q_offset + Tq), sliding windows (`window_size`), and packed documents and
 block-causal masks through `flash_attn_varlen_func` with `cu_seqlens` (a block-causal mask is varlen
@@ -10,8 +10,8 @@ flash-attn itself; head sizes above 256 are refused by the config schema (models
 
 import torch
 
-from kernels.attention.reference import attention_ref, checkpoint_attention_ref, packed_attention_ref
-from kernels.backend import choose, load_function
+from mixer_kernels.attention.reference import attention_ref, checkpoint_attention_ref, packed_attention_ref
+from mixer_kernels.backend import choose, load_function
 
 FLASH_MAX_HEAD_DIM = 256
 

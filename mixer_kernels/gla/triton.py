@@ -31,10 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import triton_launch as launch
-from kernels.gla.dispatch import TRITON_CHUNK_SIZES, TRITON_MAX_KEY_DIM
-from kernels.gla.reference import check_inputs
-from kernels.varlen import packed_call
+from mixer_kernels import triton_launch as launch
+from mixer_kernels.gla.dispatch import TRITON_CHUNK_SIZES, TRITON_MAX_KEY_DIM
+from mixer_kernels.gla.reference import check_inputs
+from mixer_kernels.varlen import packed_call
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
@@ -255,7 +255,7 @@ def _fwd(q, k, v, g, h0, scale, chunk_size, recompute):
 
 def _bwd(q, k, v, g, h0, do, dht, scale, chunk_size, layout=None):
     """Gradients of q, k, v, g and the initial state; inputs contiguous, T a multiple of chunk_size;
-    `layout`: packed documents (kernels/varlen.py), whose d g sums run within each document."""
+    `layout`: packed documents (mixer_kernels/varlen.py), whose d g sums run within each document."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     NC = T // chunk_size
@@ -320,7 +320,7 @@ def chunk_gla_triton(
     initial_state: (B, H, K, V) or None. scale defaults to K ** -0.5.
     Returns o (B, T, H, V) in v's dtype and the final state (B, H, K, V) fp32. With `cu_seqlens`
     (packed documents, B = 1 over the flattened tokens, as fla's) each document runs alone, in one
-    launch per kernel (kernels/varlen.py), and no final state is returned.
+    launch per kernel (mixer_kernels/varlen.py), and no final state is returned.
 
     Example (CUDA, or CPU with TRITON_INTERPRET=1):
         >>> q, k = torch.randn(2, 2, 100, 2, 64, device="cuda").unbind(0)
@@ -354,7 +354,7 @@ def chunk_gla_triton(
 
 def aot_specs(k: int, v: int, chunk_size: int, dtype: str) -> list[dict]:
     """The kernels one call at these head sizes, chunk and dtype ('fp32', 'bf16', 'fp16') launches, as
-    ahead-of-time compile entries (kernels/aot.py)."""
+    ahead-of-time compile entries (mixer_kernels/aot.py)."""
     in_dtype = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
     KF, BK, BV, warps = _tiles(k, v)
     shape = {"K": k, "V": v, "L": chunk_size, "PREC": launch.dot_precision(dict(launch.DTYPES)[dtype])}

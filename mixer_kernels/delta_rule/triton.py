@@ -16,7 +16,7 @@ at a time; the chunk-parallel kernels walk K in blocks, so no kernel spills at K
 budget of tests/kernels/test_aot.py):
   1. `_gdr_fwd_kernel`, grid (V blocks, B*H): walks the chunks in order; writes o and the final state,
      or, when recomputing for the backward, the state at every chunk boundary. States are recomputed
-     rather than kept, as in kernels/gla: they would be the largest activation of the model.
+     rather than kept, as in mixer_kernels/gla: they would be the largest activation of the model.
   2. `_gdr_bwd_dstates_kernel`, grid (V blocks, B*H): walks the chunks backwards, writing d loss / d S at
      every boundary (the first is the initial-state gradient):
          dV_new = P^T dO + diag(exp(gamma_L - gamma)) K dS_{c+1}
@@ -39,10 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import triton_launch as launch
-from kernels.delta_rule.dispatch import TRITON_CHUNK_SIZES, TRITON_MAX_KEY_DIM
-from kernels.delta_rule.reference import check_inputs
-from kernels.varlen import packed_call
+from mixer_kernels import triton_launch as launch
+from mixer_kernels.delta_rule.dispatch import TRITON_CHUNK_SIZES, TRITON_MAX_KEY_DIM
+from mixer_kernels.delta_rule.reference import check_inputs
+from mixer_kernels.varlen import packed_call
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
@@ -325,7 +325,7 @@ def _gdr_bwd_keys_kernel(
 
 
 # One pipeline stage for the state walk: prefetching the next chunk's (L, K) tiles is what spilled its
-# registers at K = 256 (kernels/aot.py); the walk is bound by its dots, not its loads.
+# registers at K = 256 (mixer_kernels/aot.py); the walk is bound by its dots, not its loads.
 FWD_STAGES = 1
 
 
@@ -445,7 +445,7 @@ def chunk_gated_delta_rule_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise gated delta rule with Triton kernels, differentiable in all inputs and the initial state.
     With `cu_seqlens` (packed documents, B = 1 over the flattened tokens, as fla's) each document runs
-    alone, in one launch per kernel (kernels/varlen.py; d g is chunk-local already), and no final state
+    alone, in one launch per kernel (mixer_kernels/varlen.py; d g is chunk-local already), and no final state
     is returned.
 
     q, k: (B, T, H, K); v: (B, T, H, V) (one dtype: fp32, bf16 or fp16); g (log decay, <= 0) and beta:
@@ -485,7 +485,7 @@ def chunk_gated_delta_rule_triton(
 
 def aot_specs(k: int, v: int, chunk_size: int, dtype: str) -> list[dict]:
     """The kernels one call at these head sizes, chunk and dtype ('fp32', 'bf16', 'fp16') launches, as
-    ahead-of-time compile entries (kernels/aot.py)."""
+    ahead-of-time compile entries (mixer_kernels/aot.py)."""
     in_dtype = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
     KF, BK, BV, warps = _tiles(k, v)
     _, _, _, wy_warps = _tiles(k, k)

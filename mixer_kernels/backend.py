@@ -1,6 +1,6 @@
-"""The one backend mechanism of every op in kernels/: which path a call takes, and why.
+"""The one backend mechanism of every op in mixer_kernels/: which path a call takes, and why.
 
-Every op has a PyTorch reference (`kernels/<op>/reference.py`); most also have a fast path, our own
+Every op has a PyTorch reference (`mixer_kernels/<op>/reference.py`); most also have a fast path, our own
 Triton kernel or a CUDA package from the `cuda` extra (mamba-ssm, causal-conv1d, flash-attn). `OPS`
 lists them. Three settings choose between the two:
 
@@ -52,7 +52,7 @@ RETIRED_ENV = {
 
 @dataclass(frozen=True)
 class Op:
-    """One op of kernels/. `fast` describes its fast path (None: the reference is its only path, and
+    """One op of mixer_kernels/. `fast` describes its fast path (None: the reference is its only path, and
     `note` says why); `package` is the import that fast path needs ('triton' for our own kernels)."""
 
     name: str
@@ -70,32 +70,32 @@ class Op:
 
 _HALF = (torch.float16, torch.bfloat16)
 OPS: dict[str, Op] = {op.name: op for op in (
-    Op("mlstm", "kernels/mlstm/reference.py mlstm_chunkwise", "own Triton chunkwise kernel (kernels/mlstm/triton.py)",
+    Op("mlstm", "mixer_kernels/mlstm/reference.py mlstm_chunkwise", "own Triton chunkwise kernel (mixer_kernels/mlstm/triton.py)",
        "triton"),
-    Op("mlstm_step", "kernels/mlstm/reference.py mlstm_recurrent_step",
+    Op("mlstm_step", "mixer_kernels/mlstm/reference.py mlstm_recurrent_step",
        note="one decoding step: memory bound and tiny"),
-    Op("gla", "kernels/gla/reference.py gla_chunk", "own Triton chunk kernel (kernels/gla/triton.py)", "triton"),
-    Op("gla_step", "kernels/gla/reference.py gla_step", note="one decoding step: memory bound and tiny"),
-    Op("delta_rule", "kernels/delta_rule/reference.py delta_rule_chunk",
-       "own Triton chunk kernel (kernels/delta_rule/triton.py)", "triton"),
-    Op("delta_rule_step", "kernels/delta_rule/reference.py delta_rule_step",
+    Op("gla", "mixer_kernels/gla/reference.py gla_chunk", "own Triton chunk kernel (mixer_kernels/gla/triton.py)", "triton"),
+    Op("gla_step", "mixer_kernels/gla/reference.py gla_step", note="one decoding step: memory bound and tiny"),
+    Op("delta_rule", "mixer_kernels/delta_rule/reference.py delta_rule_chunk",
+       "own Triton chunk kernel (mixer_kernels/delta_rule/triton.py)", "triton"),
+    Op("delta_rule_step", "mixer_kernels/delta_rule/reference.py delta_rule_step",
        note="one decoding step: memory bound and tiny"),
-    Op("selective_scan", "kernels/selective_scan/reference.py selective_scan",
+    Op("selective_scan", "mixer_kernels/selective_scan/reference.py selective_scan",
        "mamba-ssm selective_scan_fn (CUDA)", "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
-    Op("selective_state_update", "kernels/selective_scan/reference.py selective_state_update_ref",
+    Op("selective_state_update", "mixer_kernels/selective_scan/reference.py selective_state_update_ref",
        "mamba-ssm selective_state_update (Triton)", "mamba_ssm.ops.triton.selective_state_update",
        "selective_state_update"),
-    Op("ssd", "kernels/ssd/reference.py ssd_chunked", "mamba-ssm mamba_chunk_scan_combined (Triton)",
+    Op("ssd", "mixer_kernels/ssd/reference.py ssd_chunked", "mamba-ssm mamba_chunk_scan_combined (Triton)",
        "mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
-    Op("ssd_step", "kernels/ssd/reference.py ssd_step_ref", "mamba-ssm selective_state_update (Triton)",
+    Op("ssd_step", "mixer_kernels/ssd/reference.py ssd_step_ref", "mamba-ssm selective_state_update (Triton)",
        "mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
-    Op("causal_conv1d", "kernels/causal_conv1d/reference.py causal_conv1d_ref", "causal-conv1d causal_conv1d_fn",
+    Op("causal_conv1d", "mixer_kernels/causal_conv1d/reference.py causal_conv1d_ref", "causal-conv1d causal_conv1d_fn",
        "causal_conv1d", "causal_conv1d_fn"),
-    Op("causal_conv1d_update", "kernels/causal_conv1d/reference.py causal_conv1d_update_ref",
+    Op("causal_conv1d_update", "mixer_kernels/causal_conv1d/reference.py causal_conv1d_update_ref",
        "causal-conv1d causal_conv1d_update", "causal_conv1d", "causal_conv1d_update"),
-    Op("attention", "kernels/attention/reference.py attention_ref (SDPA)",
+    Op("attention", "mixer_kernels/attention/reference.py attention_ref (SDPA)",
        "flash-attn flash_attn_func / flash_attn_varlen_func", "flash_attn", "flash_attn_func", _HALF),
-    Op("checkpoint_attention", "kernels/attention/reference.py checkpoint_attention_ref",
+    Op("checkpoint_attention", "mixer_kernels/attention/reference.py checkpoint_attention_ref",
        note="two matmuls over T x N scores that cuBLAS runs well; flash-attn has no mask of this shape"),
 )}
 

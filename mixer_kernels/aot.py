@@ -5,17 +5,17 @@ ptxas). That proves what the CPU interpreter cannot: bf16 code paths, compile er
 constraints and the shared memory a block needs against the target's limit. Resource numbers come from
 the compiler: `shared` and `num_warps` from Triton's metadata, registers and stack (spill) bytes from the
 cubin's resource table as cuobjdump prints it. The Triton IR also shows whether a kernel indexes in 64 bits:
-every program id must be widened to i64 before use (kernels/triton_launch.py), or offsets built from it wrap
+every program id must be widened to i64 before use (mixer_kernels/triton_launch.py), or offsets built from it wrap
 at 2^31 elements.
 
-Registry: every module under kernels/ that defines a `@triton.jit` kernel exports `AOT_KERNELS`, a list of
+Registry: every module under mixer_kernels/ that defines a `@triton.jit` kernel exports `AOT_KERNELS`, a list of
 {"fn", "name", "dtype", "signature", "constexprs", "num_warps", ...} for each dtype and config its
 dispatcher can choose. `jit_kernels_missing_from_registry()` names any kernel without an entry.
 
-    python -m kernels.aot                       # table for sm_80 and sm_90
-    python -m kernels.aot --json out.json       # machine-readable, used by the tests
-    python -m kernels.aot --module some.module  # only that module's AOT_KERNELS
-    python -m kernels.aot --budget              # also fail on a register spill over SPILL_BUDGET
+    python -m mixer_kernels.aot                       # table for sm_80 and sm_90
+    python -m mixer_kernels.aot --json out.json       # machine-readable, used by the tests
+    python -m mixer_kernels.aot --module some.module  # only that module's AOT_KERNELS
+    python -m mixer_kernels.aot --budget              # also fail on a register spill over SPILL_BUDGET
 
 The spill budget holds at every shipped shape: `python bench/kernel_resources.py` compiles those and checks it.
 
@@ -42,7 +42,7 @@ SPILL_BUDGET = {"forward": 0, "backward": 512}
 
 
 def spill_budget(kernel: str) -> int:
-    """Backward kernels are named *_bw_* or *_bwd_* (kernels/mlstm, gla, delta_rule)."""
+    """Backward kernels are named *_bw_* or *_bwd_* (mixer_kernels/mlstm, gla, delta_rule)."""
     return SPILL_BUDGET["backward" if "_bw" in kernel else "forward"]
 
 
@@ -91,10 +91,10 @@ def narrow_program_ids(ttir: str) -> int:
 
 
 def kernel_modules() -> list[str]:
-    """Every module under kernels/ whose source defines a @triton.jit kernel."""
+    """Every module under mixer_kernels/ whose source defines a @triton.jit kernel."""
     root = Path(__file__).resolve().parent
     found = []
-    for info in pkgutil.walk_packages([str(root)], prefix="kernels."):
+    for info in pkgutil.walk_packages([str(root)], prefix="mixer_kernels."):
         path = root.joinpath(*info.name.split(".")[1:])
         source = path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
         if source.is_file() and re.search(r"^@triton\.jit", source.read_text(), re.MULTILINE):

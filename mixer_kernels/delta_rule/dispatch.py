@@ -1,4 +1,4 @@
-"""The gated-delta-rule dispatcher (kernels/backend.py, op `delta_rule`): the Triton chunk kernel on CUDA, else
+"""The gated-delta-rule dispatcher (mixer_kernels/backend.py, op `delta_rule`): the Triton chunk kernel on CUDA, else
 the PyTorch reference. `delta_rule_step` (op `delta_rule_step`) always uses the reference: a decoding step is
 memory bound and tiny.
 """
@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import choose
-from kernels.delta_rule import reference
+from mixer_kernels.backend import choose
+from mixer_kernels.delta_rule import reference
 
 TRITON_CHUNK, REFERENCE_CHUNK = 16, 64  # default chunks of each path (speed only, same result)
-# What the Triton kernel takes (models/config.py checks it), as compiled by kernels/aot.py: chunks of 16 (at
+# What the Triton kernel takes (models/config.py checks it), as compiled by mixer_kernels/aot.py: chunks of 16 (at
 # 32 the backward chunk kernel needs 168 KiB of shared memory at K = V = 256, past an A100's 163 KiB), key dims
 # up to 256 (the whole key dim is one state tile).
 TRITON_CHUNK_SIZES, TRITON_MAX_KEY_DIM = (16,), 256
@@ -33,10 +33,10 @@ def chunk_gated_delta_rule(
     initial_state (B, H, K, V) fp32 or None; scale defaults to K ** -0.5. Returns o (B, T, H, V) in v's
     dtype and the final fp32 state. chunk_size: None picks each backend's own (16 Triton, 64 reference).
     cu_seqlens: packed documents (fla's varlen layout, B = 1 over the flattened tokens; CPU int tensor),
-    each run as if alone in one call (kernels/varlen.py); then no final state (None).
+    each run as if alone in one call (mixer_kernels/varlen.py); then no final state (None).
     """
     if choose("delta_rule", q).fast:
-        from kernels.delta_rule.triton import chunk_gated_delta_rule_triton
+        from mixer_kernels.delta_rule.triton import chunk_gated_delta_rule_triton
 
         return chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, chunk_size or TRITON_CHUNK,
                                              cu_seqlens)

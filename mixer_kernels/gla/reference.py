@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.varlen import packed_call
+from mixer_kernels.varlen import packed_call
 
 
 def check_inputs(q, k, v, g, initial_state=None) -> None:
@@ -70,7 +70,7 @@ def gla_recurrent(q, k, v, g, scale: float | None = None, initial_state=None):
 def gla_chunk(q, k, v, g, scale: float | None = None, initial_state=None, chunk_size: int = 32, cu_seqlens=None):
     """Chunkwise GLA, differentiable. Shapes as in the module docstring; with `cu_seqlens` (packed
     documents, fla's varlen layout: B = 1 over the flattened tokens) each document runs as if alone
-    (kernels/varlen.py) and no final state is returned.
+    (mixer_kernels/varlen.py) and no final state is returned.
 
     Inside a chunk, with b the cumulative log decay from the chunk start (per key dimension):
         o_t = scale * [ (q_t * exp(b_t)) S_c + sum_{s<=t} (sum_k q_t k_s exp(b_t - b_s)) v_s ]

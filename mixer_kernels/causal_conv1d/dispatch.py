@@ -1,4 +1,4 @@
-"""Picks the causal conv path (kernels/backend.py): causal-conv1d's CUDA kernels on a GPU, the reference else.
+"""Picks the causal conv path (mixer_kernels/backend.py): causal-conv1d's CUDA kernels on a GPU, the reference else.
 
 causal-conv1d carries states only in the channel-last layout (stride 1 along C), and there it needs the
 channel count and the batch and time strides to be multiples of 8. `conv_with` removes both constraints,
@@ -10,8 +10,8 @@ dropped), so every width the config allows (2 to 4, checked by models/config.py)
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import choose, fast_function
-from kernels.causal_conv1d.reference import (
+from mixer_kernels.backend import choose, fast_function
+from mixer_kernels.causal_conv1d.reference import (
     causal_conv1d_ref,
     causal_conv1d_update_ref,
     last_document_state,

@@ -1,4 +1,4 @@
-"""Picks the SSD path (kernels/backend.py): mamba-ssm's Triton kernels on a GPU, else the chunked PyTorch form.
+"""Picks the SSD path (mixer_kernels/backend.py): mamba-ssm's Triton kernels on a GPU, else the chunked PyTorch form.
 
 Two gaps of mamba-ssm 2.3.2 are closed here, so the fast path runs every call the mixer makes:
 - `mamba_chunk_scan_combined` returns the final state in C's dtype (bf16 in training), so a prefill would
@@ -15,8 +15,8 @@ import inspect
 
 import torch
 
-from kernels.backend import choose, fast_function
-from kernels.ssd import reference
+from mixer_kernels.backend import choose, fast_function
+from mixer_kernels.ssd import reference
 
 # The chunked PyTorch form does O(chunk) work per token in its chunk x chunk blocks and O(1) per token to
 # pass states between chunks: on the CPU, chunks of 64 train faster than the 256 that suit mamba-ssm's

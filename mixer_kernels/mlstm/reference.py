@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.varlen import packed_call_heads_first
+from mixer_kernels.varlen import packed_call_heads_first
 
 MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # C (B,NH,DQK,DV), n (B,NH,DQK), m (B,NH,1)
 
@@ -162,7 +162,7 @@ def mlstm_chunkwise(
     """Chunkwise mLSTM: quadratic inside a chunk, recurrent over chunk states.
 
     cu_seqlens: packed documents (B = 1, the flattened tokens on the time axis), each run as a fresh
-    sequence, stabiliser included (kernels/varlen.py: after a reset slot C = n = 0 and m = 0 exactly); then
+    sequence, stabiliser included (mixer_kernels/varlen.py: after a reset slot C = n = 0 and m = 0 exactly); then
     no final state (None).
 
     q, k: (B, NH, T, DQK); v: (B, NH, T, DV); i_preact, f_preact: (B, NH, T);

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.varlen import packed_call
+from mixer_kernels.varlen import packed_call
 
 
 def check_inputs(q, k, v, g, beta, initial_state=None) -> None:
@@ -89,7 +89,7 @@ def delta_rule_chunk(q, k, v, g, beta, scale: float | None = None, initial_state
                      cu_seqlens=None):
     """Chunkwise (WY) gated delta rule, differentiable. Shapes and math in the module docstring; with
     `cu_seqlens` (packed documents, fla's varlen layout: B = 1 over the flattened tokens) each document
-    runs as if alone (kernels/varlen.py) and no final state is returned."""
+    runs as if alone (mixer_kernels/varlen.py) and no final state is returned."""
     check_inputs(q, k, v, g, beta, initial_state)
     if cu_seqlens is not None:
         return packed_call(lambda _, *qkvgb: delta_rule_chunk(*qkvgb, scale, None, chunk_size)[0], cu_seqlens,

@@ -1,4 +1,4 @@
-"""Launch code our Triton ops share (kernels/mlstm, kernels/gla, kernels/delta_rule): output buffers, the dot
+"""Launch code our Triton ops share (mixer_kernels/mlstm, mixer_kernels/gla, mixer_kernels/delta_rule): output buffers, the dot
 precision, the device guard, the time padding of the (B, T, H, D) layout, and the ahead-of-time specs.
 
 Kernels index with int64: each one widens its program ids first (`tl.program_id(i).to(tl.int64)`), so every
@@ -54,7 +54,7 @@ def initial_state(state: torch.Tensor | None, shape: tuple[int, ...], device) ->
 
 
 def aot_spec(fn, constexprs: dict, dtype: str, half_args: set[str], num_warps: int, **extra) -> dict:
-    """One ahead-of-time compile entry (kernels/aot.py): pointers in `half_args` take the model dtype, other
+    """One ahead-of-time compile entry (mixer_kernels/aot.py): pointers in `half_args` take the model dtype, other
     pointers fp32; `scale` and `eps` are fp32 scalars; other scalars (T, H, NC) i32."""
     signature = {}
     for name in fn.arg_names:

@@ -1,4 +1,4 @@
-"""The mLSTM dispatcher (kernels/backend.py, op `mlstm`): the Triton chunkwise kernel on CUDA, else PyTorch.
+"""The mLSTM dispatcher (mixer_kernels/backend.py, op `mlstm`): the Triton chunkwise kernel on CUDA, else PyTorch.
 
 `mlstm_recurrent_step` (op `mlstm_step`) and `mlstm_parallel` always use the reference: a decoding step is
 memory bound and tiny; the parallel form is for tests.
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import choose
-from kernels.mlstm import reference
-from kernels.mlstm.reference import MLSTMState
+from mixer_kernels.backend import choose
+from mixer_kernels.mlstm import reference
+from mixer_kernels.mlstm.reference import MLSTMState
 
 # What the Triton kernel takes (models/config.py checks it): powers of two >= 16, tl.dot's minimum, and at
 # most 64: the dq/dk/dv kernel's (L, L) tiles at 128 spill 650-830 bytes a thread at every tiling tried,
@@ -34,10 +34,10 @@ def mlstm_chunkwise(
     pre-activations; initial_state: (C (B,NH,DQK,DV), n (B,NH,DQK), m (B,NH,1)) fp32, or None.
     Returns h (B, NH, T, DV) in q's dtype and the final fp32 state (C, n, m). cu_seqlens: packed
     documents (B = 1, the flattened tokens on the time axis; CPU int tensor), each a fresh sequence in
-    one call (kernels/varlen.py); then no final state (None).
+    one call (mixer_kernels/varlen.py); then no final state (None).
     """
     if choose("mlstm", q).fast:
-        from kernels.mlstm.triton import mlstm_chunkwise_triton
+        from mixer_kernels.mlstm.triton import mlstm_chunkwise_triton
 
         return mlstm_chunkwise_triton(q, k, v, i_preact, f_preact, initial_state, chunk_size, eps, cu_seqlens)
     return reference.mlstm_chunkwise(q, k, v, i_preact, f_preact, initial_state, chunk_size, eps,
