@@ -70,7 +70,7 @@ def test_not_strict_warns_once_and_writes_the_rows(family, cuda_without_fast_pac
 
 
 def test_reference_on_purpose_passes_strict(cuda_without_fast_packages, tmp_path):
-    cfg = load_config(TINY / "mamba.yaml", ["mixer_kernels.backend=reference"])
+    cfg = load_config(TINY / "mamba.yaml", ["kernels.backend=reference"])
     with backend.using(cfg.kernels.backend, cfg.kernels.overrides, cfg.kernels.strict):
         report = run_kernel_report(cfg, cuda_without_fast_packages)
         check_kernels(report, 0, tmp_path)
