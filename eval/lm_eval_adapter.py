@@ -33,8 +33,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from eval.generation import generate_tokens
-
-JRT_SEPARATOR = "\n\n"
+from eval.passkey import JRT_SEPARATOR
 
 
 def hf_tokenizer(path: str | Path, eos_token: str | None = None):

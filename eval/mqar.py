@@ -18,6 +18,8 @@ What is generated, per example (Zoology's `multiquery_ar`, zoology/data/associat
 - Labels are -100 everywhere except at each query position, whose label is the value paired with the
   queried key: the model must emit the value right after reading the key again. Only those positions
   are trained on and scored.
+- `read_twice` (JRT-Prompt, Arora et al. 2024, "Just read twice"): the context k1 v1 ... is given twice
+  before the queries, so an example is seq_len + 2 * num_kv_pairs tokens; the query region is unchanged.
 
 Zoology seeds numpy's global RNG; here a `numpy.random.Generator` is passed in, so generation has no
 global side effects (the same distribution, not the same numbers as Zoology for a given seed).
@@ -39,6 +41,7 @@ class MQARSetting:
     num_kv_pairs: int
     power_a: float = 0.01
     random_non_queries: bool = True
+    read_twice: bool = False
 
     def __post_init__(self):
         # Zoology's own preconditions: room for every query after the context, and keys/values that can
@@ -68,7 +71,12 @@ class MQARSetting:
 
     @property
     def name(self) -> str:
-        return f"T{self.seq_len}_kv{self.num_kv_pairs}"
+        return f"T{self.seq_len}_kv{self.num_kv_pairs}" + ("_jrt" if self.read_twice else "")
+
+    @property
+    def input_len(self) -> int:
+        """Tokens per example: seq_len, plus the repeated context under read_twice."""
+        return self.seq_len + (self.context_len if self.read_twice else 0)
 
 
 @dataclass
@@ -77,7 +85,7 @@ class MQARBatch:
     labels: torch.Tensor  # (N, T) the value at each query position, -100 elsewhere
     keys: np.ndarray  # (N, K) key of pair j
     values: np.ndarray  # (N, K) value of pair j
-    slots: np.ndarray  # (N, K) query slot of pair j (query at position context_len + 2 * slot)
+    slots: np.ndarray  # (N, K) query slot of pair j: query at context_len + 2 * slot (+ context_len if read twice)
 
 
 def generate_mqar(setting: MQARSetting, num_examples: int, rng: np.random.Generator) -> MQARBatch:
@@ -102,6 +110,9 @@ def generate_mqar(setting: MQARSetting, num_examples: int, rng: np.random.Genera
         filler[:, : s.context_len] = False
         np.put_along_axis(filler, query_pos, False, axis=1)
         seq[filler] = rng.integers(0, s.vocab_size, size=int(filler.sum()))
+    if s.read_twice:  # the context again, right after itself; slots still count from the query region
+        seq = np.concatenate([seq[:, : s.context_len], seq], axis=1)
+        labels = np.concatenate([np.full((num_examples, s.context_len), -100), labels], axis=1)
     return MQARBatch(torch.from_numpy(seq), torch.from_numpy(labels), keys, values, slots)
 
 

@@ -11,6 +11,10 @@ Scoring, per (length, depth) cell over `trials` random 5-digit keys:
   same event as greedy generation emitting the answer, without a decoding loop.
 - `answer_logprob`: mean log-probability per answer token, a graded signal where accuracy is still 0.
 Answer tokens are those of encode(prompt + answer) past encode(prompt), as lm-eval splits continuations.
+
+`read_twice` is JRT-Prompt (Arora et al., 2024, "Just read twice"), as the lm-eval adapter applies it: the
+whole prompt (haystack and question) is given twice, separated by a blank line, and the answer follows the
+second question; `length` bounds one reading, so the prompt is about twice as long.
 """
 
 from collections.abc import Callable
@@ -26,6 +30,7 @@ FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. T
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 ANSWER = " {key}"
+JRT_SEPARATOR = "\n\n"  # between the two readings (eval/lm_eval_adapter.py uses the same)
 
 
 @dataclass
@@ -35,8 +40,10 @@ class PasskeyPrompt:
     key: str
 
 
-def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, key: str) -> PasskeyPrompt:
-    """The longest prompt of at most `length` tokens, needle after round(depth * repeats) filler paragraphs."""
+def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, key: str,
+                 read_twice: bool = False) -> PasskeyPrompt:
+    """The longest prompt of at most `length` tokens, needle after round(depth * repeats) filler paragraphs
+    (then that prompt twice under `read_twice`)."""
 
     def text(repeats: int) -> str:
         at = round(depth * repeats)
@@ -50,6 +57,9 @@ def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, 
     prompt = encode(prompt_text)
     if len(prompt) > length:
         raise ValueError(f"passkey: even without filler the prompt takes {len(prompt)} tokens > length {length}")
+    if read_twice:
+        prompt_text = prompt_text + JRT_SEPARATOR + prompt_text
+        prompt = encode(prompt_text)
     whole = encode(prompt_text + ANSWER.format(key=key))
     return PasskeyPrompt(prompt, whole[len(prompt):], key)
 
@@ -72,7 +82,7 @@ def score_prompt(model, p: PasskeyPrompt, chunk_size: int | None = None) -> tupl
 
 
 def passkey_grid(model, encode: Callable[[str], list[int]], lengths: list[int], depths: list[float],
-                 trials: int = 5, seed: int = 0, chunk_size: int | None = None) -> dict:
+                 trials: int = 5, seed: int = 0, chunk_size: int | None = None, read_twice: bool = False) -> dict:
     """{lengths, depths, cells: [{length, depth, prompt_tokens, accuracy, answer_logprob}], skipped}.
 
     The keys of trial t are the same in every cell (drawn once from `seed`), so cells differ only in
@@ -89,7 +99,7 @@ def passkey_grid(model, encode: Callable[[str], list[int]], lengths: list[int], 
         for depth in depths:
             hits, logps, sizes = [], [], []
             for key in keys:
-                p = build_prompt(encode, length, depth, key)
+                p = build_prompt(encode, length, depth, key, read_twice)
                 hit, logp = score_prompt(model, p, chunk_size)
                 hits.append(hit)
                 logps.append(logp)
@@ -97,4 +107,4 @@ def passkey_grid(model, encode: Callable[[str], list[int]], lengths: list[int], 
             cells.append({"length": length, "depth": depth, "prompt_tokens": int(np.mean(sizes)),
                           "accuracy": float(np.mean(hits)), "answer_logprob": float(np.mean(logps))})
     return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed, "cells": cells,
-            "skipped": skipped}
+            "skipped": skipped, "read_twice": read_twice}

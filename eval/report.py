@@ -4,10 +4,12 @@ Layout of `results` (each suite's key present only when it ran):
     ppl            {length, windows, tokens, nll, ppl, ppl_tail}                        (eval/perplexity.py)
     ppl_by_length  {lengths: [same as ppl per length], by_position: [...], skipped}
     passkey        {lengths, depths, trials, seed, cells: [{length, depth, accuracy, answer_logprob, ...}]}
-    mqar           {models: {name: {family, params, state_bytes, grid: [{seq_len, num_kv_pairs, accuracy}]}}}
+    passkey_read_twice   the same, every prompt given twice (JRT-Prompt; `--read-twice`)
+    mqar           {models: {name: {family, d_model, read_twice, params, state_bytes, steps, train_seconds,
+                                    grid: [{seq_len, num_kv_pairs, accuracy}]}}}   (eval/recall_recipe.py)
     lm_eval        {task: {metric: value}}
 plus `meta` (checkpoint, model config, device, suite timings). Plots: `ppl_vs_length.png`,
-`passkey_heatmap.png`, `recall_vs_pairs.png`; the markdown table is `summary.md`.
+`passkey_heatmap.png`, `recall_vs_pairs.png`, `recall_vs_state.png`; the markdown tables are `summary.md`.
 """
 
 import json
@@ -66,18 +68,51 @@ def plot_passkey(passkey: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _hardest(m: dict) -> dict:
+    """A run's hardest grid point: the most pairs, then the longest sequence."""
+    return max(m["grid"], key=lambda g: (g["num_kv_pairs"], g["seq_len"]))
+
+
 def plot_recall(mqar: dict, path: Path) -> None:
-    """Accuracy vs number of key-value pairs, one panel per sequence length, one line per model."""
+    """Accuracy vs number of key-value pairs, one panel per sequence length, one line per run (read-twice
+    runs dashed in their model's colour)."""
     models = mqar["models"]
     seq_lens = sorted({g["seq_len"] for m in models.values() for g in m["grid"]})
-    fig, axes = plt.subplots(1, len(seq_lens), figsize=(4.5 * len(seq_lens), 3.8), squeeze=False)
+    colours = {}
+    fig, axes = plt.subplots(1, len(seq_lens), figsize=(5.5 * len(seq_lens), 4.2), squeeze=False)
     for ax, T in zip(axes[0], seq_lens):
         for name, m in models.items():
+            base = name.removesuffix("+jrt")
+            colour = colours.setdefault(base, f"C{len(colours) % 10}")
             pts = sorted((g["num_kv_pairs"], g["accuracy"]) for g in m["grid"] if g["seq_len"] == T)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--" if m.get("read_twice") else "o-",
+                    color=colour, label=name)
         ax.set(xlabel="key-value pairs", ylabel="MQAR accuracy", title=f"sequence length {T}", ylim=(-0.02, 1.02))
         ax.set_xscale("log", base=2)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_recall_vs_state(mqar: dict, path: Path) -> None:
+    """Zoology's figure: accuracy on the hardest setting vs decoding-state size, one point per run (model
+    and width), one colour per family; read-twice runs are hollow."""
+    models = mqar["models"]
+    hard = _hardest(next(iter(models.values())))
+    families = sorted({m["family"] for m in models.values()})
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, family in enumerate(families):
+        for jrt in (False, True):
+            runs = sorted((m["state_bytes"], _hardest(m)["accuracy"]) for m in models.values()
+                          if m["family"] == family and bool(m.get("read_twice")) == jrt)
+            if runs:
+                ax.plot([r[0] for r in runs], [r[1] for r in runs], "o--" if jrt else "o-", color=f"C{i % 10}",
+                        mfc="none" if jrt else f"C{i % 10}", label=family + (" (read twice)" if jrt else ""))
+    ax.set(xlabel="decoding state (bytes, log scale)", ylim=(-0.02, 1.02),
+           ylabel=f"MQAR accuracy, {hard['num_kv_pairs']} pairs at T={hard['seq_len']}")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -104,9 +139,11 @@ def markdown_summary(results: dict) -> str:
         if results["ppl_by_length"].get("skipped"):
             lines.append(f"\nSkipped (longer than the held-out split): {results['ppl_by_length']['skipped']}")
         lines.append("")
-    if "passkey" in results:
-        pk = results["passkey"]
-        lines += ["## Passkey retrieval (accuracy; rows: depth, columns: length)", "",
+    for key, title in (("passkey", "Passkey retrieval"), ("passkey_read_twice", "Passkey retrieval, read twice")):
+        if key not in results:
+            continue
+        pk = results[key]
+        lines += [f"## {title} (accuracy; rows: depth, columns: length)", "",
                   "| depth | " + " | ".join(str(L) for L in pk["lengths"]) + " |",
                   "|---|" + "---|" * len(pk["lengths"])]
         for d in pk["depths"]:
@@ -115,20 +152,17 @@ def markdown_summary(results: dict) -> str:
         lines.append("")
     if "mqar" in results:
         models = results["mqar"]["models"]
-        names = list(models)
-        lines += ["## MQAR accuracy (side by side)", "", "| seq_len | kv pairs | " + " | ".join(names) + " |",
-                  "|---|---|" + "---|" * len(names)]
         keys = sorted({(g["seq_len"], g["num_kv_pairs"]) for m in models.values() for g in m["grid"]})
-        for T, kv in keys:
-            cells = []
-            for n in names:
-                acc = [g["accuracy"] for g in models[n]["grid"] if (g["seq_len"], g["num_kv_pairs"]) == (T, kv)]
-                cells.append(_fmt(acc[0]) if acc else "-")
-            lines.append(f"| {T} | {kv} | " + " | ".join(cells) + " |")
-        lines += ["", "| model | family | parameters | decoding state at longest length (bytes) | train s |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {n} | {m['family']} | {m['params']} | {m['state_bytes']} | {_fmt(m.get('train_seconds', 0.0))} |"
-                  for n, m in models.items()]
+        lines += ["## MQAR accuracy", "", "One row per run; `+jrt`: trained and evaluated with the context read "
+                  "twice. Columns: accuracy at (seq_len, key-value pairs).", "",
+                  "| run | family | d_model | parameters | state (bytes) | " +
+                  " | ".join(f"T{T} kv{kv}" for T, kv in keys) + " | steps | train s |",
+                  "|---|---|---|---|---|" + "---|" * len(keys) + "---|---|"]
+        for n, m in models.items():
+            acc = {(g["seq_len"], g["num_kv_pairs"]): g["accuracy"] for g in m["grid"]}
+            cells = [_fmt(acc[k]) if k in acc else "-" for k in keys]
+            lines.append(f"| {n} | {m['family']} | {m.get('d_model', '-')} | {m['params']} | {m['state_bytes']} | "
+                         + " | ".join(cells) + f" | {m.get('steps', '-')} | {_fmt(m.get('train_seconds', 0.0))} |")
         lines.append("")
     if "lm_eval" in results:
         lines += ["## lm-eval-harness", "", "| task | metric | value |", "|---|---|---|"]
@@ -146,8 +180,9 @@ def flat_metrics(results: dict) -> dict[str, float]:
     for r in results.get("ppl_by_length", {}).get("lengths", []):
         out[f"eval/ppl@{r['length']}"] = r["ppl"]
         out[f"eval/ppl_tail@{r['length']}"] = r["ppl_tail"]
-    if "passkey" in results:
-        out["eval/passkey_accuracy"] = float(np.mean([c["accuracy"] for c in results["passkey"]["cells"]]))
+    for key in ("passkey", "passkey_read_twice"):
+        if key in results:
+            out[f"eval/{key}_accuracy"] = float(np.mean([c["accuracy"] for c in results[key]["cells"]]))
     for name, m in results.get("mqar", {}).get("models", {}).items():
         for g in m["grid"]:
             out[f"eval/mqar/{name}/T{g['seq_len']}_kv{g['num_kv_pairs']}"] = g["accuracy"]
@@ -173,6 +208,8 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     if results.get("mqar", {}).get("models"):
         written["recall_plot"] = out / "recall_vs_pairs.png"
         plot_recall(results["mqar"], written["recall_plot"])
+        written["recall_state_plot"] = out / "recall_vs_state.png"
+        plot_recall_vs_state(results["mqar"], written["recall_state_plot"])
     return written
 
 

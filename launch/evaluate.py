@@ -88,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task-dir", help="folder of local lm-eval task YAMLs")
     p.add_argument("--limit", type=float, help="lm-eval: examples per task (or fraction)")
     p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--read-twice", action="store_true", help="lm-eval: JRT-Prompt, every context given twice")
+    p.add_argument("--read-twice", action="store_true", help="JRT-Prompt: lm-eval tasks read every "
+                   "context twice; passkey and MQAR fine-tuning add a read-twice run beside the plain one")
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     p.add_argument("--wandb-project", default="hybrid-eval")
     args = p.parse_args(argv)
@@ -152,8 +153,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         path = Path(tokenizer)
         tok = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
         lengths = args.passkey_lengths or [seq_len // 2, seq_len, 2 * seq_len, 4 * seq_len]  # too short: skipped
-        timed("passkey", lambda: passkey_grid(model, lambda s: tok.encode(s).ids, lengths, args.passkey_depths,
-                                              args.passkey_trials, chunk_size=args.chunk_size))
+        for key, twice in (("passkey", False), ("passkey_read_twice", True))[: 1 + args.read_twice]:
+            timed(key, lambda twice=twice: passkey_grid(model, lambda s: tok.encode(s).ids, lengths,
+                                                       args.passkey_depths, args.passkey_trials,
+                                                       chunk_size=args.chunk_size, read_twice=twice))
     if "mqar" in args.suites:
         import yaml
 
@@ -165,7 +168,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             only = args.models.split(",") if args.models else None
             timed("mqar", lambda: run_recipe(recipe, only=only, device=args.device))
         else:
-            timed("mqar", lambda: finetune_checkpoint(model, recipe))
+            timed("mqar", lambda: finetune_checkpoint(model, recipe, read_twice=args.read_twice))
     if "lm_eval" in args.suites:
         from eval.lm_eval_adapter import HybridLM, hf_tokenizer, run_lm_eval, task_metrics
 

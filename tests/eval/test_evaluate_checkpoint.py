@@ -1,4 +1,5 @@
-"""launch/evaluate.py on a real (tiny, 2-rank DeepSpeed) checkpoint: perplexity by length and passkey.
+"""launch/evaluate.py on a real (tiny, 2-rank DeepSpeed) checkpoint: perplexity by length and passkey (also
+read twice).
 
 The JSON's numbers are checked against a direct computation written here: the checkpoint's weights loaded
 by hand, the held-out tokens read from the shard files, cross-entropy by torch, greedy decoding by the
@@ -31,13 +32,14 @@ def test_ppl_by_length_and_passkey_report(train, tmp_path, stdlib_shards):
     rc = evaluate_main(["--checkpoint", str(run.run_dir), "--suite", "ppl,ppl_by_length,passkey", "--out", str(out),
                         "--lengths", ",".join(map(str, lengths)), "--max-tokens", "1024", "--batch-size", "4",
                         "--chunk-size", "64", "--passkey-lengths", "32,100,160", "--passkey-depths", "0,0.5,1",
-                        "--passkey-trials", "2", "--device", "cpu", "--wandb", "disabled"])
+                        "--passkey-trials", "2", "--read-twice", "--device", "cpu", "--wandb", "disabled"])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     for name in ("ppl_vs_length.png", "passkey_heatmap.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     summary = (out / "summary.md").read_text()
-    assert "| length | tokens | ppl | ppl (second half) |" in summary and "Passkey" in summary
+    assert "| length | tokens | ppl | ppl (second half) |" in summary and "## Passkey retrieval (" in summary
+    assert "## Passkey retrieval, read twice" in summary
 
     # Direct computation: weights, held-out tokens, windows and cross-entropy, all by hand.
     ckpt = complete_checkpoints(run.run_dir / "checkpoints")[-1]
@@ -66,25 +68,29 @@ def test_ppl_by_length_and_passkey_report(train, tmp_path, stdlib_shards):
         assert by_length[L]["ppl_tail"] == pytest.approx(tail, rel=1e-4), L
         assert by_length[L]["tokens"] == tokens
 
-    # Passkey: accuracy is "greedy decoding emits the answer"; check it with the model's own generate.
+    # Passkey: accuracy is "greedy decoding emits the answer"; check it with the model's own generate. Read
+    # twice (JRT), the prompt is one reading, a blank line and the same reading again.
     tok = Tokenizer.from_file(str(stdlib_shards / "tokenizer.json"))
     keys = [str(k) for k in np.random.default_rng(0).integers(10000, 100000, size=2)]
-    cells = results["passkey"]["cells"]
-    assert results["passkey"]["skipped"] == [32]  # shorter than the template itself
-    assert len(cells) == 2 * 3
-    for cell in cells:
-        hits, logps = [], []
-        for key in keys:
-            p = build_prompt(lambda s: tok.encode(s).ids, cell["length"], cell["depth"], key)
-            assert len(p.prompt) <= cell["length"]
-            prompt = torch.tensor([p.prompt])
-            generated = model.generate(prompt, max_new_tokens=len(p.answer))[0, len(p.prompt):].tolist()
-            hits.append(generated == p.answer)
-            with torch.no_grad():
-                logits = model(torch.tensor([p.prompt + p.answer[:-1]])).logits[0, len(p.prompt) - 1:]
-            logps.append(F.log_softmax(logits, -1)[torch.arange(len(p.answer)), p.answer].mean().item())
-        assert cell["accuracy"] == pytest.approx(np.mean(hits)), cell
-        assert cell["answer_logprob"] == pytest.approx(np.mean(logps), abs=1e-4), cell
+    for section, twice in (("passkey", False), ("passkey_read_twice", True)):
+        cells = results[section]["cells"]
+        assert results[section]["skipped"] == [32]  # shorter than the template itself
+        assert len(cells) == 2 * 3
+        for cell in cells:
+            hits, logps = [], []
+            for key in keys:
+                p = build_prompt(lambda s: tok.encode(s).ids, cell["length"], cell["depth"], key, read_twice=twice)
+                text = tok.decode(p.prompt)
+                assert text.count("What is the pass key?") == text.count(f"The pass key is {key}.") == 1 + twice
+                assert (len(p.prompt) > cell["length"]) == twice
+                prompt = torch.tensor([p.prompt])
+                generated = model.generate(prompt, max_new_tokens=len(p.answer))[0, len(p.prompt):].tolist()
+                hits.append(generated == p.answer)
+                with torch.no_grad():
+                    logits = model(torch.tensor([p.prompt + p.answer[:-1]])).logits[0, len(p.prompt) - 1:]
+                logps.append(F.log_softmax(logits, -1)[torch.arange(len(p.answer)), p.answer].mean().item())
+            assert cell["accuracy"] == pytest.approx(np.mean(hits)), (section, cell)
+            assert cell["answer_logprob"] == pytest.approx(np.mean(logps), abs=1e-4), (section, cell)
 
 
 def test_periodic_eval_returns_flat_metrics_and_restores_train_mode(stdlib_shards):

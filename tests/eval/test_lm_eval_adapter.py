@@ -127,27 +127,17 @@ def test_read_twice_repeats_the_context(exported):
     assert HybridLM(model=model, tokenizer=tok)._twice("a b") == "a b"
 
 
-def test_evaluate_cli_runs_lm_eval_on_an_exported_folder(exported, tmp_path):
-    from launch.evaluate import main as evaluate_main
-
-    model, folder = exported
-    _write_tasks(tmp_path)
-    out = tmp_path / "eval"
-    assert evaluate_main(["--checkpoint", str(folder), "--suite", "lm_eval", "--tasks", "t_mc",
-                          "--task-dir", str(tmp_path), "--batch-size", "4", "--device", "cpu",
-                          "--wandb", "disabled", "--out", str(out)]) == 0
-    written = json.loads((out / "results.json").read_text())["lm_eval"]
-    direct = task_metrics(run_lm_eval(HybridLM(model=model, tokenizer=str(folder), batch_size=2), ["t_mc"],
-                                      task_dir=str(tmp_path)))
-    assert written.keys() == direct.keys()
-    for task in direct:
-        assert written[task] == pytest.approx(direct[task])
-    assert "| t_mc | acc |" in (out / "summary.md").read_text()
+# configs/tiny/<config> with overrides; sliding window has no tiny config of its own.
+FAMILIES = {name: (name, {}) for name in ["transformer", "xlstm", "mamba", "mamba2", "hgrn2", "mom", "bst", "scout",
+                                           "gated_deltanet", "hybrid", "hybrid_gdn"]}
+FAMILIES["sliding_window"] = ("transformer", {"mixer": "sliding_window", "sliding_window": {"window": 16}})
 
 
-def test_evaluate_cli_runs_lm_eval_on_a_gated_deltanet_export(exported, tmp_path):
-    """A Gated DeltaNet 3:1 hybrid's export (fla's layout, read back by load_hf without fla) through the
-    same CLI: its metrics equal the adapter's on the model in memory."""
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_evaluate_cli_runs_lm_eval_on_every_family_export(family, exported, tmp_path):
+    """Every family's export through the CLI, read back by load_hf: a multiple-choice and a generation task
+    (decoding with the family's `step`), whose metrics equal the adapter's on the model in memory. Rolling
+    perplexity is test_adapter_matches_lm_eval_hf_model's (one family is enough for the windowing)."""
     import yaml
     from harness import TINY
 
@@ -156,17 +146,20 @@ def test_evaluate_cli_runs_lm_eval_on_a_gated_deltanet_export(exported, tmp_path
 
     _, xlstm_folder = exported
     torch.manual_seed(0)
-    raw = yaml.safe_load((TINY / "hybrid_gdn.yaml").read_text())["model"]
-    model = CausalLM(ModelConfig(**raw | {"vocab_size": 320, "max_seq_len": MAX_LENGTH})).eval()
-    folder = export_hf(model, tmp_path / "gdn", tokenizer_file=str(xlstm_folder / "tokenizer.json"))
+    config, overrides = FAMILIES[family]
+    raw = yaml.safe_load((TINY / f"{config}.yaml").read_text())["model"]
+    model = CausalLM(ModelConfig(**raw | overrides | {"vocab_size": 320, "max_seq_len": MAX_LENGTH})).eval()
+    folder = export_hf(model, tmp_path / family, tokenizer_file=str(xlstm_folder / "tokenizer.json"))
+    tasks = ["t_mc", "t_gen"]
     _write_tasks(tmp_path)
     out = tmp_path / "eval"
-    assert evaluate_main(["--checkpoint", str(folder), "--suite", "lm_eval", "--tasks", "t_mc,t_roll",
+    assert evaluate_main(["--checkpoint", str(folder), "--suite", "lm_eval", "--tasks", ",".join(tasks),
                           "--task-dir", str(tmp_path), "--batch-size", "4", "--device", "cpu",
                           "--wandb", "disabled", "--out", str(out)]) == 0
     written = json.loads((out / "results.json").read_text())["lm_eval"]
-    direct = task_metrics(run_lm_eval(HybridLM(model=model, tokenizer=str(folder), batch_size=2), ["t_mc", "t_roll"],
+    direct = task_metrics(run_lm_eval(HybridLM(model=model, tokenizer=str(folder), batch_size=2), tasks,
                                       task_dir=str(tmp_path)))
-    assert written.keys() == direct.keys() == {"t_mc", "t_roll"}
+    assert written.keys() == direct.keys() == set(tasks)
     for task in direct:
         assert written[task] == pytest.approx(direct[task], rel=1e-5)
+    assert "| t_mc | acc |" in (out / "summary.md").read_text()

@@ -83,6 +83,18 @@ def test_query_slots_follow_the_power_law():
     assert (np.take_along_axis(b.inputs.numpy(), pos, 1) == b.keys).all()
 
 
+def test_read_twice_gives_the_context_again_before_the_same_queries():
+    """JRT: the same draws as the plain example, with the k-v context repeated right after itself."""
+    twice = MQARSetting(256, 128, 8, read_twice=True)
+    plain = generate_mqar(SETTING, 100, np.random.default_rng(5))
+    b = generate_mqar(twice, 100, np.random.default_rng(5))
+    ctx = SETTING.context_len
+    assert twice.input_len == b.inputs.shape[1] == SETTING.seq_len + ctx
+    assert torch.equal(b.inputs[:, :ctx], b.inputs[:, ctx:2 * ctx])
+    assert torch.equal(b.inputs[:, ctx:], plain.inputs) and torch.equal(b.labels[:, ctx:], plain.labels)
+    assert (b.labels[:, : 2 * ctx] == -100).all()
+
+
 def test_zoology_preconditions_are_enforced():
     with pytest.raises(ValueError, match="4 \\* num_kv_pairs"):
         MQARSetting(256, 64, 17)
