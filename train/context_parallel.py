@@ -25,10 +25,15 @@ has heads. CP cuts the sequence instead; what crosses ranks depends on the mixer
 - **Relay** (MoM): its state (routed memories, each with its own convolution halo and capacity count) has no
   transition to scan, so it is handed on piece by piece: exact and memory-split, but the pieces run one after
   another (at CP = 2 the same exchange as state passing). The load-balancing loss is taken over all pieces.
-- **Gathered** (BST, SCOUT): the whole sequence is all-gathered and every rank runs the mixer on it, keeping
-  its own piece of the output. Exact, but with no compute or activation saving for those layers: their
-  continuation from a state runs token by token, and their block-wise contexts need per-family state passing
-  that is not written yet. The run's console and train.log say which layers do this.
+- **Composite** (BST, SCOUT): a mixer made of parts runs each part's own exchange (`cp_forward`). SCOUT's
+  local mixer passes its state (or a sliding window's halo) and its checkpoint attention all-gathers only the
+  checkpoints' keys and values (T / S of them); BST's SSM passes its state (its outputs corrected, linear in
+  it) and its block attention takes a halo of the previous piece's inputs and SSM outputs.
+- **Gathered** (BST and SCOUT on packed documents or with Ulysses inside the pieces): the whole sequence is
+  all-gathered and every rank runs the mixer on it, keeping its own piece of the output. Exact, but with no
+  compute or activation saving for those layers: their checkpoints and blocks sit at each document's own
+  positions, which their exchanges do not follow yet. The run's console and train.log say which layers do
+  this.
 
 Packed documents (models/documents.py, `cu_seqlens` over the whole rows): a state must stop at every document
 boundary, across ranks too (`PieceDocuments`). Each piece runs its documents from a fresh state through the
@@ -187,6 +192,20 @@ class ContextParallel:
         ends = self.all_gather(x.narrow(dim, x.shape[dim] - n, n)[None], dim=0)  # (cp, ...)
         return Tie.apply(x, ends) if self.rank == 0 else torch.cat([ends[self.rank - 1], x], dim=dim)
 
+    def before(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """x (B, T/cp, ...) with the n tokens before this piece in front (fewer near the sequence's start): the
+        previous piece's halo when n fits in it, else every piece all-gathered."""
+        if n <= x.shape[1]:
+            return self.with_previous(x, n, dim=1) if n else x
+        end = self.offset(x.shape[1]) + x.shape[1]
+        return self.all_gather(x, dim=1)[:, max(0, end - x.shape[1] - n):end]
+
+    @staticmethod
+    def tie(y: torch.Tensor, *exchanged: torch.Tensor) -> torch.Tensor:
+        """y, made to depend on every exchanged tensor (zero gradient where unused), so that every rank runs each
+        exchange's backward collective whatever it read."""
+        return Tie.apply(y, *exchanged)
+
     def offset(self, piece_length: int) -> int:
         """The absolute position of this rank's piece's first token."""
         return self.rank * piece_length
@@ -203,7 +222,7 @@ class ContextParallel:
     def run(self, mixer: nn.Module, x: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
         """The mixer's output for this rank's tokens x (B, T / (sp cp), D). `docs`: packed documents over the
         whole rows."""
-        mode = cp_mode(mixer, self.sp is not None)
+        mode = cp_mode(mixer, self.sp is not None, packed=docs is not None)
         if mode == "attention":  # keys and values across pieces, inside Ulysses' head split if any
             local = lambda q, k, v: mixer.cp_mix(q, k, v, self, docs)  # noqa: E731
             heads = mixer.project(x)
@@ -212,7 +231,13 @@ class ContextParallel:
             return self.pass_state(mixer, x, docs)
         if mode == "relay":
             return self.relay(mixer, x, docs)
-        t = x.shape[1]  # gathered: the whole sequence on every rank of the sequence's group
+        if mode == "composite":
+            return mixer.cp_forward(x, self)
+        return self.gathered(mixer, x, docs)
+
+    def gathered(self, mixer: nn.Module, x: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
+        """The mixer run on the whole sequence on every rank of the sequence's group; this rank's piece of it."""
+        t = x.shape[1]
         whole = self.gather_sequence(x)
         y = mixer.own_forward(whole)[0] if docs is None else mixer.own_packed(whole, docs)
         return y[:, self.seq_rank * t:(self.seq_rank + 1) * t]
@@ -373,7 +398,26 @@ def start_state(mixer: nn.Module, owns: list, transitions: list | None, rank: in
     return state
 
 
-class ContextParallelMixer:
+class OwnPaths:
+    """Mixin giving `ContextParallel.run` a mixer's own forward and packed path: on a composite mixer's parts
+    (`cp_parts`) alone, whose forward stays their own, and under ContextParallelMixer, whose forward replaces it."""
+
+    def own_forward(self, x: torch.Tensor, state=None):
+        """The mixer's own forward on whole pieces (called inside this module's forward, where ZeRO-3 has
+        gathered its parameters)."""
+        return super().forward(x, state)
+
+    def own_packed(self, x: torch.Tensor, docs: Documents) -> torch.Tensor:
+        """The mixer's own path for packed documents (models/block.py), on whole pieces or rows."""
+        if hasattr(super(), "forward_packed"):
+            return super().forward_packed(x, docs)
+        y = per_document(lambda xs: super(OwnPaths, self).forward(xs)[0], x, docs)
+        if hasattr(self, "aux_loss_of"):  # a loss over the real tokens, not the padding
+            self.aux_loss = self.aux_loss_of(x)
+        return y
+
+
+class ContextParallelMixer(OwnPaths):
     """Mixin placed before a mixer's class: its forward runs the mixer through `ContextParallel.run`."""
 
     cp: ContextParallel
@@ -389,28 +433,26 @@ class ContextParallelMixer:
         # rank at the same point (a direct call would fetch each on first access, out of step across ranks).
         return self(x, docs=docs)[0]
 
-    def own_forward(self, x: torch.Tensor, state=None):
-        """The mixer's own forward on whole pieces (called inside this module's forward, where ZeRO-3 has
-        gathered its parameters)."""
-        return super().forward(x, state)
 
-    def own_packed(self, x: torch.Tensor, docs: Documents) -> torch.Tensor:
-        """The mixer's own path for packed documents (models/block.py), on whole pieces or rows."""
-        if hasattr(super(), "forward_packed"):
-            return super().forward_packed(x, docs)
-        y = per_document(lambda xs: super(ContextParallelMixer, self).forward(xs)[0], x, docs)
-        if hasattr(self, "aux_loss_of"):  # a loss over the real tokens, not the padding
-            self.aux_loss = self.aux_loss_of(x)
-        return y
+def wrap_mixer(mixer: nn.Module, cp: ContextParallel) -> None:
+    """Swaps the mixer's class for its CP subclass (parameter names and checkpoints do not change); the parts a
+    composite mixer runs through their own exchanges get their own paths only."""
+    cls = type(mixer)
+    mixer.__class__ = type(f"ContextParallel{cls.__name__}", (ContextParallelMixer, cls), {})
+    mixer.cp = cp
+    for part in getattr(mixer, "cp_parts", list)():
+        part.__class__ = type(f"Own{type(part).__name__}", (OwnPaths, type(part)), {})
 
 
-def cp_mode(mixer: nn.Module, with_sp: bool = False) -> str:
-    """How a mixer runs under CP (with Ulysses inside the pieces or not): 'attention', 'state passing',
-    'relay' or 'gathered' (module docstring)."""
+def cp_mode(mixer: nn.Module, with_sp: bool = False, packed: bool = False) -> str:
+    """How a mixer runs under CP (with Ulysses inside the pieces or not, on packed documents or not):
+    'attention', 'state passing', 'relay', 'composite' or 'gathered' (module docstring)."""
     if hasattr(mixer, "cp_mix"):
         return "attention"
     if hasattr(mixer, "cp_core") if with_sp else hasattr(mixer, "cp_carry"):
         return "state passing"
+    if hasattr(mixer, "cp_forward") and not with_sp and not packed:
+        return "composite"
     return "relay" if getattr(mixer, "cp_relay", False) and not with_sp else "gathered"
 
 
@@ -426,9 +468,7 @@ def apply_context_parallel(model: nn.Module, group, seq_group=None, sp_group=Non
 
     cp = ContextParallel(group, seq_group, None if sp_group is None else SequenceParallel(sp_group))
     for block in model.blocks:
-        cls = type(block.mixer)
-        block.mixer.__class__ = type(f"ContextParallel{cls.__name__}", (ContextParallelMixer, cls), {})
-        block.mixer.cp = cp
+        wrap_mixer(block.mixer, cp)
         for param in getattr(block.mixer, "external_parameters", list)():
             if hasattr(param, "ds_id"):  # partitioned by ZeRO-3
                 register_external_parameter(block.mixer, param)
@@ -438,7 +478,11 @@ def apply_context_parallel(model: nn.Module, group, seq_group=None, sp_group=Non
 def check_context_parallel(model: nn.Module, cp: int, shortest_piece: int, length_key: str, sp: int) -> None:
     """Raises ValueError naming the problem and the fix when the model cannot run over cp pieces."""
     for i, block in enumerate(model.blocks):
-        halo = getattr(block.mixer, "cp_halo_tokens", 0) if cp_mode(block.mixer, sp > 1) == "state passing" else 0
+        mode = cp_mode(block.mixer, sp > 1)
+        passing = [block.mixer] if mode == "state passing" else []
+        if mode == "composite":  # its parts run their own exchanges
+            passing = [m for m in getattr(block.mixer, "cp_parts", list)() if cp_mode(m) == "state passing"]
+        halo = max((getattr(m, "cp_halo_tokens", 0) for m in passing), default=0)
         if shortest_piece < halo:
             raise ValueError(
                 f"layer {i} ({type(block.mixer).__name__}): the shortest piece under context parallelism is "
@@ -447,9 +491,9 @@ def check_context_parallel(model: nn.Module, cp: int, shortest_piece: int, lengt
             )
 
 
-def describe(model: nn.Module) -> dict[str, list[int]]:
+def describe(model: nn.Module, packed: bool) -> dict[str, list[int]]:
     """How each layer runs under CP (cp_mode) -> the layers, for the run's log."""
     modes: dict[str, list[int]] = {}
     for i, block in enumerate(model.blocks):
-        modes.setdefault(cp_mode(block.mixer, block.mixer.cp.sp is not None), []).append(i)
+        modes.setdefault(cp_mode(block.mixer, block.mixer.cp.sp is not None, packed), []).append(i)
     return modes

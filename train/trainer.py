@@ -139,7 +139,7 @@ def build_engine(cfg: RunConfig, par: Parallel) -> TrainEngine:
         if par.rank == 0:
             inside = f" (Ulysses over {par.sp_size} inside each piece)" if par.sp_size > 1 else ""
             log.info("context parallelism over %d ranks%s, layers by mode: %s", par.cp_size, inside,
-                     context_parallel.describe(model))
+                     context_parallel.describe(model, cfg.data.separate_documents))
     elif par.sp_size > 1:
         sequence_parallel.apply_sequence_parallel(model, par.sp_group)
     optimizer = build_optimizer(model, cfg.optim)

@@ -105,6 +105,17 @@ class DiagonalSSM(nn.Module):
         y = y + self.D[out].float()[:, None] * u
         return y.transpose(1, 2).to(x.dtype), state
 
+    def from_state(self, y: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """y (B, T, C), the outputs of a run from a zero state, as they are from state `start` (B, C, N): the
+        recurrence is linear and time-invariant, so it adds sum_n C_n a_n^(t+1) start_n to y_t."""
+        dtA, _ = self._discrete()
+        powers = torch.exp(dtA[..., None] * torch.arange(1, y.shape[1] + 1, device=y.device))  # (C, N, T)
+        return y + torch.einsum("bcn,cn,cnt->btc", start, self.C.float(), powers).to(y.dtype)
+
+    def transition(self, t: int) -> torch.Tensor:
+        """a^t (C, N): what T tokens do to the state they start from (h_T = a^T h_0 + the run from zero)."""
+        return torch.exp(self._discrete()[0] * t)
+
     def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t (B, D) -> y_t (B, C), new state (B, C, N)."""
         u = x_t.float().repeat_interleave(self.n_filters, dim=1)  # (B, C)
@@ -246,6 +257,41 @@ class BSTMixer(nn.Module):
         whole = [sp.seq_to_heads(z) for z in (*self.attn.project(x), x)]
         y = mix(*whole) if docs is None else per_document(mix, whole, docs)
         return self.attn.output(sp.heads_to_seq(y), x)
+
+    # Context parallelism (train/context_parallel.py, mode 'composite'). The SSM passes its state: every rank
+    # all-gathers each piece's final state from zero, folds those before it through the pieces' transitions a^P
+    # (input-independent), and corrects its outputs (linear in the start state: no recomputation). Blocks sit
+    # at absolute positions, so the piece's first block may begin in the previous piece, and each block's
+    # context comes from the block before: a halo of the previous piece's last W - 1 inputs and last 2W - 1
+    # (single_head) or W SSM outputs.
+    def cp_forward(self, x: torch.Tensor, cp) -> torch.Tensor:
+        """This rank's piece x (B, T/cp, D) -> y (B, T/cp, D) (packed documents run gathered)."""
+        t, w = x.shape[1], self.block_size
+        u, own = self.ssm(x)
+        owns = [row[0] for row in cp.gather_flat([own])]
+        start, a = owns[0], self.ssm.transition(t)
+        for j in range(1, cp.rank):
+            start = a * start + owns[j]
+        if cp.rank:
+            u = self.ssm.from_state(u, start)
+        offset = cp.offset(t)
+        begin = offset - offset % w  # where the piece's first block starts
+        source_halo = 2 * w - 1 if self.variant == "single_head" else w
+        x_ext = cp.before(x, w - 1)[:, -(offset - begin + t):]  # from `begin` on
+        u_ext = cp.before(u, source_halo)
+        # The first block's context, from the block before it (zeros for block 0); the later blocks' from u.
+        if begin == 0:
+            first = None
+        elif self.variant == "single_head":
+            first = u_ext[:, -(offset - begin + t) - w:-(offset - begin + t)]  # (B, W, C)
+        else:
+            first = u_ext[:, -(offset - begin + t) - 1]  # (B, C)
+        src = self._context_sources(u_ext[:, -(offset - begin + t):])
+        if first is not None:
+            src = torch.cat([first[:, None], src[:, 1:]], dim=1)
+        ck, cv = self._context_kv(src.flatten(0, 1))
+        y, _ = self._block_attention(*self.attn.project(x_ext), ck, cv)
+        return cp.tie(self.attn.output(y[:, -t:], x), *owns)
 
     def step(self, x_t: torch.Tensor, state: BSTState) -> tuple[torch.Tensor, BSTState]:
         """x_t (B, D) -> y_t (B, D), state after this token."""

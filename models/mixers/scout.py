@@ -104,6 +104,36 @@ class SCOUTMixer(nn.Module):
         y = attend(*whole) if docs is None else per_document(attend, whole, docs)
         return u + self.attn.output(sp.heads_to_seq(y), h)
 
+    # Context parallelism (train/context_parallel.py, mode 'composite'): the local mixer runs its own exchange
+    # (state passing, or a sliding window's halo), and the checkpoint attention needs from the earlier pieces
+    # only their checkpoints: each rank all-gathers its piece's checkpoint keys and values, T / S per layer.
+    def cp_parts(self) -> list[nn.Module]:
+        return [self.local]
+
+    def cp_forward(self, x: torch.Tensor, cp) -> torch.Tensor:
+        """This rank's piece x (B, T/cp, D) -> y (B, T/cp, D). Packed documents run gathered: their checkpoints
+        sit at each document's own segment ends, which this exchange does not follow yet."""
+        u = cp.run(self.local, x)
+        h = self.norm(u)
+        q, k, v = (z.transpose(1, 2) for z in self.attn.project(h))  # (B, h, T/cp, hd)
+        t, s = q.shape[2], self.segment
+        offset = cp.offset(t)
+        q, k = self.attn._rope(q, k, offset)
+        # Piece r holds the checkpoints at absolute positions j * S - 1 in [r t, (r + 1) t): the same number on
+        # every rank when S divides t, else one fewer on some, so each sends ceil(t / S) slots, padded.
+        slots = -(-t // s)
+        first = (s - 1 - offset) % s  # the piece's first checkpoint
+        ck, cv = (torch.cat([z[:, :, first::s], z.new_zeros(*z.shape[:2], slots - len(range(first, t, s)),
+                                                                z.shape[3])], dim=2) for z in (k, v))
+        counts = [len(range((s - 1 - r * t) % s, t, s)) for r in range(cp.size)]
+        keep = torch.cat([torch.arange(n) + r * slots for r, n in enumerate(counts)])[:(offset + t) // s]
+        keep = keep.to(q.device)  # those before this piece's end
+        gathered = [cp.all_gather(z, dim=2) for z in (ck, cv)]
+        ck, cv = (z.index_select(2, keep) for z in gathered)
+        n_visible = (offset + torch.arange(t, device=q.device)) // s  # a token reads the segments before its own
+        y = checkpoint_attention(q, k, v, ck, cv, n_visible).transpose(1, 2)
+        return cp.tie(u + self.attn.output(y, h), *gathered)
+
     def step(self, x_t: torch.Tensor, state: SCOUTState) -> tuple[torch.Tensor, SCOUTState]:
         """x_t (B, D) -> y_t (B, D), state after this token."""
         u, local_state = self.local.step(x_t, state.local)  # (B, D)

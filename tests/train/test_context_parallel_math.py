@@ -13,7 +13,7 @@ from harness import TINY
 from models import CausalLM
 from models.documents import Documents
 from train.config import load_config
-from train.context_parallel import ContextParallel, ContextParallelMixer, cp_mode, start_state
+from train.context_parallel import ContextParallel, cp_mode, start_state, wrap_mixer
 
 # (tiny config, overrides, layer letter): every state-passing mixer; pieces of 12 tokens do not divide the
 # chunk sizes (16, 32).
@@ -124,18 +124,18 @@ class ThreadRank(ContextParallel):
         return torch.stack(self.meeting.exchange(self.rank, x)).sum(0)
 
 
-def cp_ranks_on_threads(mixer, x: torch.Tensor, docs: Documents, size: int):
-    """Every rank's output of `docs` packed in x (B, T, D), concatenated, and the rank's wrapped copies."""
+def cp_ranks_on_threads(mixer, x: torch.Tensor, docs: Documents | None, size: int):
+    """Every rank's output of x (B, T, D) (`docs` packed in it, if given), concatenated, and the rank's wrapped
+    copies."""
     meeting, outputs, errors = Rendezvous(size), [None] * size, []
     copies = [copy.deepcopy(mixer) for _ in range(size)]
     for rank, m in enumerate(copies):
-        cls = type(m)
-        m.__class__ = type(f"ContextParallel{cls.__name__}", (ContextParallelMixer, cls), {})
-        m.cp = ThreadRank(rank, size, meeting)
+        wrap_mixer(m, ThreadRank(rank, size, meeting))
 
     def work(rank):
         try:
-            outputs[rank] = copies[rank].forward_packed(x.chunk(size, dim=1)[rank], docs)
+            piece = x.chunk(size, dim=1)[rank]
+            outputs[rank] = copies[rank](piece)[0] if docs is None else copies[rank].forward_packed(piece, docs)
         except BaseException as e:  # noqa: BLE001 - reported below, with the other ranks released
             errors.append(e)
             meeting.barrier.abort()
@@ -171,9 +171,68 @@ def test_packed_documents_over_four_pieces_equal_each_document_alone(family):
 
     split, copies = cp_ranks_on_threads(mixer, x, docs, 4)
     (split * weights).sum().backward()
+    assert_close(split, whole, grads_of_split(mixer, copies, x), expected)
+
+
+def grads_of_split(mixer, copies, x) -> dict:
+    """Every parameter's gradient summed over the ranks' copies (what the all-gathers' backward adds up), and x's."""
     got = {"x": x.grad}
     for name, _ in mixer.named_parameters():
         grads = [dict(m.named_parameters())[name].grad for m in copies]
         if any(g is not None for g in grads):
             got[name] = sum(g for g in grads if g is not None)
-    assert_close(split, whole, got, expected)
+    return got
+
+
+# SCOUT under CP (mode 'composite'): its local mixer passes its state, or a sliding window its halo, and its
+# checkpoint attention gathers only the earlier pieces' checkpoints. 4 pieces of 12 tokens with segments of 16
+# (pieces hold 0 or 1 checkpoint each) and of 8 (1 or 2), so pieces differ in their number of checkpoints.
+SCOUT_LOCALS = {
+    "mamba2-s16": [],
+    "mamba-s8": ["model.scout.local_mixer=mamba", "model.scout.segment_size=8"],
+    "sliding_window-s8": ["model.scout.local_mixer=sliding_window", "model.sliding_window.window=8",
+                          "model.scout.segment_size=8"],
+}
+
+
+@pytest.mark.parametrize("local", SCOUT_LOCALS)
+def test_scout_over_four_pieces_equals_the_whole_sequence(local):
+    cfg = load_config(TINY / "scout.yaml", ["parallel.precision=fp32", *SCOUT_LOCALS[local]])
+    torch.manual_seed(0)
+    mixer = CausalLM(cfg.model).blocks[0].mixer
+    assert cp_mode(mixer) == "composite"
+    x = torch.randn(2, 48, cfg.model.d_model, requires_grad=True)
+    weights = torch.randn(2, 48, cfg.model.d_model, generator=torch.Generator().manual_seed(1))
+    whole = mixer(x)[0]
+    (whole * weights).sum().backward()
+    expected = {n: p.grad.clone() for n, p in mixer.named_parameters() if p.grad is not None} | {"x": x.grad.clone()}
+    x.grad = None
+    split, copies = cp_ranks_on_threads(mixer, x, None, 4)
+    (split * weights).sum().backward()
+    assert_close(split, whole, grads_of_split(mixer, copies, x), expected)
+
+
+# BST under CP (mode 'composite'): its SSM passes its state (outputs corrected from it), its blocks take the
+# previous piece's inputs and SSM outputs as a halo. 4 pieces of 12 tokens with blocks of 16 (blocks straddle
+# pieces, and the halo reaches past the previous piece) and of 8 (1 and 2 blocks begun in a piece).
+BST_VARIANTS = {
+    f"{context}-w{w}": [f"model.bst.context={context}", f"model.bst.block_size={w}"]
+    for context in ("single_head", "multi_head", "multi_filter") for w in (16, 8)
+}
+
+
+@pytest.mark.parametrize("variant", BST_VARIANTS)
+def test_bst_over_four_pieces_equals_the_whole_sequence(variant):
+    cfg = load_config(TINY / "bst.yaml", ["parallel.precision=fp32", *BST_VARIANTS[variant]])
+    torch.manual_seed(0)
+    mixer = CausalLM(cfg.model).blocks[0].mixer
+    assert cp_mode(mixer) == "composite"
+    x = torch.randn(2, 48, cfg.model.d_model, requires_grad=True)
+    weights = torch.randn(2, 48, cfg.model.d_model, generator=torch.Generator().manual_seed(1))
+    whole = mixer(x)[0]
+    (whole * weights).sum().backward()
+    expected = {n: p.grad.clone() for n, p in mixer.named_parameters() if p.grad is not None} | {"x": x.grad.clone()}
+    x.grad = None
+    split, copies = cp_ranks_on_threads(mixer, x, None, 4)
+    (split * weights).sum().backward()
+    assert_close(split, whole, grads_of_split(mixer, copies, x), expected)
