@@ -27,6 +27,9 @@ Measured with seed 0, 2-layer width-64 models, one factor at a time:
   as the models' own and not varied.
 Reading twice changes the most: the Gated DeltaNet with the context given twice solved all three settings
 (>= 0.99) by step 700, where it stayed below 0.6 after 2000 steps reading once.
+The full recipe (README) shows Zoology's result for attention, the Gated DeltaNet and Mamba-2 (accuracy rising
+with the state); the mLSTM, Mamba, HGRN2, BST and SCOUT stay near 1 / pairs at every width within 1000 steps,
+so for them the recipe needs a longer budget before it measures capacity.
 
 Why a small single-process loop here and not the DeepSpeed trainer: the examples are synthetic and made
 in memory (no token shards, no decomposition buckets), only query positions carry labels (the data
