@@ -195,9 +195,9 @@ SCOUT_LOCALS = {
 }
 
 
-@pytest.mark.parametrize("local", SCOUT_LOCALS)
-def test_scout_over_four_pieces_equals_the_whole_sequence(local):
-    cfg = load_config(TINY / "scout.yaml", ["parallel.precision=fp32", *SCOUT_LOCALS[local]])
+def assert_composite_over_four_pieces_equals_whole(config: str, overrides: list[str]) -> None:
+    """A composite mixer's ranks (on threads) give the whole sequence's output and every gradient."""
+    cfg = load_config(TINY / f"{config}.yaml", ["parallel.precision=fp32", *overrides])
     torch.manual_seed(0)
     mixer = CausalLM(cfg.model).blocks[0].mixer
     assert cp_mode(mixer) == "composite"
@@ -210,6 +210,11 @@ def test_scout_over_four_pieces_equals_the_whole_sequence(local):
     split, copies = cp_ranks_on_threads(mixer, x, None, 4)
     (split * weights).sum().backward()
     assert_close(split, whole, grads_of_split(mixer, copies, x), expected)
+
+
+@pytest.mark.parametrize("local", SCOUT_LOCALS)
+def test_scout_over_four_pieces_equals_the_whole_sequence(local):
+    assert_composite_over_four_pieces_equals_whole("scout", SCOUT_LOCALS[local])
 
 
 # BST under CP (mode 'composite'): its SSM passes its state (outputs corrected from it), its blocks take the
@@ -223,16 +228,4 @@ BST_VARIANTS = {
 
 @pytest.mark.parametrize("variant", BST_VARIANTS)
 def test_bst_over_four_pieces_equals_the_whole_sequence(variant):
-    cfg = load_config(TINY / "bst.yaml", ["parallel.precision=fp32", *BST_VARIANTS[variant]])
-    torch.manual_seed(0)
-    mixer = CausalLM(cfg.model).blocks[0].mixer
-    assert cp_mode(mixer) == "composite"
-    x = torch.randn(2, 48, cfg.model.d_model, requires_grad=True)
-    weights = torch.randn(2, 48, cfg.model.d_model, generator=torch.Generator().manual_seed(1))
-    whole = mixer(x)[0]
-    (whole * weights).sum().backward()
-    expected = {n: p.grad.clone() for n, p in mixer.named_parameters() if p.grad is not None} | {"x": x.grad.clone()}
-    x.grad = None
-    split, copies = cp_ranks_on_threads(mixer, x, None, 4)
-    (split * weights).sum().backward()
-    assert_close(split, whole, grads_of_split(mixer, copies, x), expected)
+    assert_composite_over_four_pieces_equals_whole("bst", BST_VARIANTS[variant])
