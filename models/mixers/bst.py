@@ -108,9 +108,11 @@ class DiagonalSSM(nn.Module):
     def from_state(self, y: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """y (B, T, C), the outputs of a run from a zero state, as they are from state `start` (B, C, N): the
         recurrence is linear and time-invariant, so it adds sum_n C_n a_n^(t+1) start_n to y_t."""
-        dtA, _ = self._discrete()
-        powers = torch.exp(dtA[..., None] * torch.arange(1, y.shape[1] + 1, device=y.device))  # (C, N, T)
-        return y + torch.einsum("bcn,cn,cnt->btc", start, self.C.float(), powers).to(y.dtype)
+        def correction(start, dtA, C):  # checkpointed: the (C, N, T) powers are recomputed, as in forward
+            powers = torch.exp(dtA[..., None] * torch.arange(1, y.shape[1] + 1, device=y.device))
+            return torch.einsum("bcn,cn,cnt->btc", start, C, powers)
+
+        return y + checkpoint(correction, start, self._discrete()[0], self.C.float(), use_reentrant=False).to(y.dtype)
 
     def transition(self, t: int) -> torch.Tensor:
         """a^t (C, N): what T tokens do to the state they start from (h_T = a^T h_0 + the run from zero)."""
@@ -275,18 +277,17 @@ class BSTMixer(nn.Module):
         if cp.rank:
             u = self.ssm.from_state(u, start)
         offset = cp.offset(t)
-        begin = offset - offset % w  # where the piece's first block starts
-        source_halo = 2 * w - 1 if self.variant == "single_head" else w
-        x_ext = cp.before(x, w - 1)[:, -(offset - begin + t):]  # from `begin` on
-        u_ext = cp.before(u, source_halo)
+        span = offset % w + t  # tokens from the start of the piece's first block on
+        x_ext = cp.before(x, w - 1)[:, -span:]
+        u_ext = cp.before(u, 2 * w - 1 if self.variant == "single_head" else w)
         # The first block's context, from the block before it (zeros for block 0); the later blocks' from u.
-        if begin == 0:
+        if offset < w:
             first = None
         elif self.variant == "single_head":
-            first = u_ext[:, -(offset - begin + t) - w:-(offset - begin + t)]  # (B, W, C)
+            first = u_ext[:, -span - w:-span]  # (B, W, C)
         else:
-            first = u_ext[:, -(offset - begin + t) - 1]  # (B, C)
-        src = self._context_sources(u_ext[:, -(offset - begin + t):])
+            first = u_ext[:, -span - 1]  # (B, C)
+        src = self._context_sources(u_ext[:, -span:])
         if first is not None:
             src = torch.cat([first[:, None], src[:, 1:]], dim=1)
         ck, cv = self._context_kv(src.flatten(0, 1))
