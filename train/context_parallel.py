@@ -197,8 +197,8 @@ class ContextParallel:
         previous piece's halo when n fits in it, else every piece all-gathered."""
         if n <= x.shape[1]:
             return self.with_previous(x, n, dim=1) if n else x
-        end = self.offset(x.shape[1]) + x.shape[1]
-        return self.all_gather(x, dim=1)[:, max(0, end - x.shape[1] - n):end]
+        start = self.offset(x.shape[1])
+        return self.all_gather(x, dim=1)[:, max(0, start - n):start + x.shape[1]]
 
     @staticmethod
     def tie(y: torch.Tensor, *exchanged: torch.Tensor) -> torch.Tensor:

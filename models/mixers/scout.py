@@ -122,10 +122,10 @@ class SCOUTMixer(nn.Module):
         # Piece r holds the checkpoints at absolute positions j * S - 1 in [r t, (r + 1) t): the same number on
         # every rank when S divides t, else one fewer on some, so each sends ceil(t / S) slots, padded.
         slots = -(-t // s)
-        first = (s - 1 - offset) % s  # the piece's first checkpoint
-        ck, cv = (torch.cat([z[:, :, first::s], z.new_zeros(*z.shape[:2], slots - len(range(first, t, s)),
-                                                                z.shape[3])], dim=2) for z in (k, v))
-        counts = [len(range((s - 1 - r * t) % s, t, s)) for r in range(cp.size)]
+        counts = [len(range((s - 1 - r * t) % s, t, s)) for r in range(cp.size)]  # checkpoints of each piece
+        first = (s - 1 - offset) % s  # this piece's first checkpoint
+        ck, cv = (torch.cat([z[:, :, first::s], z.new_zeros(*z.shape[:2], slots - counts[cp.rank], z.shape[3])],
+                            dim=2) for z in (k, v))
         keep = torch.cat([torch.arange(n) + r * slots for r, n in enumerate(counts)])[:(offset + t) // s]
         keep = keep.to(q.device)  # those before this piece's end
         gathered = [cp.all_gather(z, dim=2) for z in (ck, cv)]
