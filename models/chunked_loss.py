@@ -6,8 +6,9 @@ linear cross-entropy do, the forward walks the tokens in chunks: each chunk's lo
 then fp32, as the unfused path), the optional soft cap, log-sum-exp and the loss, and at once the gradients
 of the (mean) loss with respect to the chunk's hidden states and the head weight (softmax minus one-hot,
 through the cap), so the chunk's logits are freed before the next one. The backward only scales the stored
-gradients by the incoming one. Peak memory: one chunk's (chunk, V) fp32 logits plus an (N, D) and a (V, D)
-gradient, instead of (N, V) logits, their softmax and their gradient.
+gradients by the incoming one. Peak memory: three (chunk, V) fp32 buffers (logits, capped logits, their
+log-softmax, reused by every chunk) plus an (N, D) and a (V, D) gradient, instead of (N, V) logits, their
+softmax and their gradient.
 """
 
 import torch
@@ -26,21 +27,30 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        # Three (chunk, V) fp32 buffers reused by every chunk, written in place: on the CPU a fresh tensor of
+        # that size costs more in page faults than the pass that fills it.
+        rows, vocab = min(chunk_tokens, hidden.shape[0]), weight.shape[0]
+        raw, scaled, log_p = (torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device) for _ in range(3))
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y, keep = (t[start:start + chunk_tokens] for t in (hidden, labels, valid))
-            logits = F.linear(h, weight).float()  # (n, V)
+            n = h.shape[0]
+            logits = raw[:n]
+            if weight.dtype == torch.float32:
+                torch.mm(h, weight.t(), out=logits)
+            else:  # the head's dtype, then fp32, as the unfused path
+                logits.copy_(F.linear(h, weight))
             if soft_cap is not None:
-                capped = torch.tanh(logits / soft_cap)
-                logits = soft_cap * capped
-            target = y.clamp_min(0)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss = loss + ((lse - logits.gather(1, target[:, None])[:, 0]) * keep).sum()
-            # d loss / d logits = (softmax - onehot) / count on kept tokens, in place on the chunk's logits.
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad.scatter_add_(1, target[:, None], -torch.ones_like(lse)[:, None])
+                capped = logits.div_(soft_cap).tanh_()
+                logits = torch.mul(capped, soft_cap, out=scaled[:n])
+            torch.log_softmax(logits, dim=-1, out=log_p[:n])
+            target = y.clamp_min(0)[:, None]
+            loss = loss - (log_p[:n].gather(1, target)[:, 0] * keep).sum()
+            # d loss / d logits = (softmax - onehot) / count on kept tokens, in place on the log-probabilities.
+            grad = log_p[:n].exp_()  # the softmax
+            grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
             grad.mul_((keep / count)[:, None])
             if soft_cap is not None:
-                grad.mul_(1 - capped.square())
+                grad.addcmul_(grad, capped.square_(), value=-1)  # through the cap: times 1 - tanh^2
             grad_hidden[start:start + chunk_tokens] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             grad_weight.addmm_(grad.t(), h.float())
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
