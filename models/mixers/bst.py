@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mixer_kernels.attention import attention
 from models.config import ModelConfig
@@ -46,15 +45,24 @@ from models.mixers.attention import AttentionMixer, KVCache
 from models.mixers.mamba import exclude_from_weight_decay
 
 
-def _ssm_kernel_and_state(x: torch.Tensor, dtA: torch.Tensor, weight: torch.Tensor, b: torch.Tensor):
-    """x (B, C, T) fp32; dtA, weight = C * b, b (C, N) -> kernel (C, T), final state (B, C, N).
+def _powers(dtA: torch.Tensor, t: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """a^s = exp(dtA s) for s < t, factored as a^(jL) a^l (s = jL + l, L = block): outer (C, N, J) and inner
+    (C, N, L). Contractions over s then run as matmuls over (j, l) and never hold the (C, N, T) exponentials,
+    whose cost is per sequence length, not per token, and so grew past the rest of the layer at long T."""
+    block = min(block, t)
+    inner = torch.exp(dtA[..., None] * torch.arange(block, device=dtA.device))
+    outer = torch.exp(dtA[..., None] * torch.arange(0, t, block, device=dtA.device))
+    return outer, inner
 
-    Wrapped in a checkpoint by the caller: the (C, N, T) powers are recomputed in the backward pass rather
-    than kept for it (they would cost more memory than the layer's activations).
-    """
-    powers = torch.exp(dtA[..., None] * torch.arange(x.shape[-1], device=x.device))  # (C, N, T): a^l
-    kernel = torch.einsum("cn,cnt->ct", weight, powers)
-    state = b * torch.einsum("bct,cnt->bcn", x.flip(-1), powers)  # h_T = sum_l a^(T-1-l) b x_l
+
+def _ssm_kernel_and_state(x: torch.Tensor, dtA: torch.Tensor, weight: torch.Tensor, b: torch.Tensor):
+    """x (B, C, T) fp32; dtA, weight = C * b, b (C, N) -> kernel (C, T), final state (B, C, N)."""
+    t = x.shape[-1]
+    outer, inner = _powers(dtA, t)
+    j, block = outer.shape[-1], inner.shape[-1]
+    kernel = torch.einsum("cnj,cnl->cjl", weight[..., None] * outer, inner).flatten(1)[:, :t]  # sum_n w_n a_n^s
+    x_rev = F.pad(x.flip(-1), (0, j * block - t)).unflatten(-1, (j, block))  # (B, C, J, L): s = T-1 - position
+    state = b * torch.einsum("bcjl,cnl,cnj->bcn", x_rev, inner, outer)  # h_T = sum_s a^s b x_(T-1-s)
     return kernel, state
 
 
@@ -99,7 +107,7 @@ class DiagonalSSM(nn.Module):
         u = x.float().transpose(1, 2).repeat_interleave(nf, dim=1)  # (B, C, T)
         out = slice(None) if channels is None else slice(channels.start * nf, channels.stop * nf)
         dtA, b = (z[out] for z in self._discrete())
-        kernel, state = checkpoint(_ssm_kernel_and_state, u, dtA, self.C[out].float() * b, b, use_reentrant=False)
+        kernel, state = _ssm_kernel_and_state(u, dtA, self.C[out].float() * b, b)
         # Linear (not circular) convolution: zero-pad both to 2T before the FFT.
         y = torch.fft.irfft(torch.fft.rfft(u, n=2 * t) * torch.fft.rfft(kernel, n=2 * t), n=2 * t)[..., :t]
         y = y + self.D[out].float()[:, None] * u
@@ -108,11 +116,11 @@ class DiagonalSSM(nn.Module):
     def from_state(self, y: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """y (B, T, C), the outputs of a run from a zero state, as they are from state `start` (B, C, N): the
         recurrence is linear and time-invariant, so it adds sum_n C_n a_n^(t+1) start_n to y_t."""
-        def correction(start, dtA, C):  # checkpointed: the (C, N, T) powers are recomputed, as in forward
-            powers = torch.exp(dtA[..., None] * torch.arange(1, y.shape[1] + 1, device=y.device))
-            return torch.einsum("bcn,cn,cnt->btc", start, C, powers)
-
-        return y + checkpoint(correction, start, self._discrete()[0], self.C.float(), use_reentrant=False).to(y.dtype)
+        t, dtA = y.shape[1], self._discrete()[0]
+        outer, inner = _powers(dtA, t)
+        weight = start * (self.C.float() * torch.exp(dtA))  # (B, C, N): C_n a_n start_n, then a^s for s = t
+        correction = torch.einsum("bcn,cnj,cnl->bjlc", weight, outer, inner).flatten(1, 2)[:, :t]  # (B, T, C)
+        return y + correction.to(y.dtype)
 
     def transition(self, t: int) -> torch.Tensor:
         """a^t (C, N): what T tokens do to the state they start from (h_T = a^T h_0 + the run from zero)."""
