@@ -179,52 +179,68 @@ def mlstm_chunkwise(
         return packed_call_heads_first(
             lambda _, q, k, v, f, i: mlstm_chunkwise(q, k, v, i, f, None, chunk_size, eps, stabilizer_grad)[0],
             cu_seqlens, chunk_size, initial_state, q, k, v, f_preact, i_preact)
-    B, NH, T, DQK = q.shape
-    DV = v.shape[-1]
     if initial_state is None:
-        initial_state = zero_state(B, NH, DQK, DV, q.device)
-    C, n, m = (s.float() for s in initial_state)  # (B,NH,DQK,DV), (B,NH,DQK), (B,NH,1)
+        initial_state = zero_state(q.shape[0], q.shape[1], q.shape[3], v.shape[3], q.device)
+    T, whole = q.shape[2], q.shape[2] // chunk_size * chunk_size
+    if whole in (0, T):  # one call over equal chunks: all of them, or a single shorter one
+        h, state = _equal_chunks(q, k, v, i_preact, f_preact, initial_state, min(chunk_size, T), eps, stabilizer_grad)
+        return h.to(q.dtype), state
+    # The shorter last chunk runs from the state the equal chunks end in.
+    head, state = _equal_chunks(*(z[:, :, :whole] for z in (q, k, v, i_preact, f_preact)), initial_state,
+                                chunk_size, eps, stabilizer_grad)
+    tail, state = _equal_chunks(*(z[:, :, whole:] for z in (q, k, v, i_preact, f_preact)), state,
+                                T - whole, eps, stabilizer_grad)
+    return torch.cat([head, tail], dim=2).to(q.dtype), state
 
-    scale = DQK**-0.5
-    logf_all = F.logsigmoid(f_preact.float())  # (B, NH, T)
-    hs = []
-    for start in range(0, T, chunk_size):
-        end = min(start + chunk_size, T)
-        L = end - start
-        qc = q[:, :, start:end].float() * scale  # (B, NH, L, DQK)
-        kc = k[:, :, start:end].float()  # (B, NH, L, DQK)
-        vc = v[:, :, start:end].float()  # (B, NH, L, DV)
-        ic = i_preact[:, :, start:end].float()  # (B, NH, L)
-        b = logf_all[:, :, start:end].cumsum(-1)  # (B, NH, L) log forget from chunk start to t
 
-        # Outputs. Row j mixes the chunk-start state (weight exp(b_j) exp(m)) with tokens l <= j of
-        # the chunk (weight exp(b_j - b_l + i_l)); each row is stabilised by its own max m_comb.
-        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-        log_d = b[..., :, None] - b[..., None, :] + ic[..., None, :]  # (B, NH, L, L)
-        log_d = log_d.masked_fill(~causal, float("-inf"))
-        m_inter = b + m  # (B, NH, L)
-        m_comb = torch.maximum(m_inter, log_d.amax(-1))  # (B, NH, L)
-        m_comb = m_comb if stabilizer_grad else m_comb.detach()
-        s = (qc @ kc.transpose(-2, -1)) * torch.exp(log_d - m_comb[..., None])  # (B, NH, L, L)
-        w_inter = torch.exp(m_inter - m_comb)[..., None]  # (B, NH, L, 1)
-        num = w_inter * (qc @ C) + s @ vc  # (B, NH, L, DV)
-        qn = w_inter * (qc @ n[..., None]) + s.sum(-1, keepdim=True)  # (B, NH, L, 1)
-        den = torch.maximum(qn.abs(), torch.exp(-m_comb)[..., None]) + eps  # (B, NH, L, 1)
-        hs.append(num / den)
+def _equal_chunks(q, k, v, i_preact, f_preact, state: MLSTMState, L: int, eps: float, stabilizer_grad: bool):
+    """`mlstm_chunkwise` for T a multiple of L, every chunk at once: only the chunk-start states run in a
+    loop over chunks (a few elementwise ops each), the intra-chunk work is batched over all chunks. A loop
+    doing all of a chunk's work made the time per token grow with the number of chunks."""
+    B, NH, T, DQK = q.shape
+    NC = T // L
+    C0, n0, m = (s.float() for s in state)  # (B,NH,DQK,DV), (B,NH,DQK), (B,NH,1)
+    qc = q.float().unflatten(2, (NC, L)) * DQK**-0.5  # (B, NH, NC, L, DQK)
+    kc = k.float().unflatten(2, (NC, L))  # (B, NH, NC, L, DQK)
+    # v with a column of ones: the same matmuls then carry the normaliser n beside C (its last column).
+    v1 = F.pad(v.float(), (0, 1), value=1.0).unflatten(2, (NC, L))  # (B, NH, NC, L, DV + 1)
+    ic = i_preact.float().unflatten(2, (NC, L))  # (B, NH, NC, L)
+    b = F.logsigmoid(f_preact.float()).unflatten(2, (NC, L)).cumsum(-1)  # log forget from chunk start to t
 
-        # State at the chunk end: decay the old state by the whole chunk's forget gates g, add the
-        # chunk's tokens with weights exp(a_l) = exp(g - b_l + i_l), restabilise with m_next.
-        g = b[..., -1:]  # (B, NH, 1)
-        a = g - b + ic  # (B, NH, L)
-        m_next = torch.maximum(g + m, a.amax(-1, keepdim=True))  # (B, NH, 1)
-        m_next = m_next if stabilizer_grad else m_next.detach()
-        k_gated = kc * torch.exp(a - m_next)[..., None]  # (B, NH, L, DQK)
-        decay = torch.exp(g + m - m_next)  # (B, NH, 1)
-        C = decay[..., None] * C + k_gated.transpose(-2, -1) @ vc  # (B, NH, DQK, DV)
-        n = decay * n + k_gated.sum(-2)  # (B, NH, DQK)
-        m = m_next
-    h = torch.cat(hs, dim=2).to(q.dtype)  # (B, NH, T, DV)
-    return h, (C, n, m)
+    # Chunk-start states. Chunk c adds its tokens with weights exp(a_l) = exp(g - b_l + i_l) (g: the whole
+    # chunk's log forget), stabilised locally by m_local; the recurrence restabilises with m_next.
+    g = b[..., -1]  # (B, NH, NC)
+    a = g[..., None] - b + ic  # (B, NH, NC, L)
+    m_local = a.amax(-1)  # (B, NH, NC)
+    update = (kc * torch.exp(a - m_local[..., None])[..., None]).transpose(-2, -1) @ v1  # (B,NH,NC,DQK,DV+1)
+    m_start = []  # m at each chunk start, then the final one
+    m = m.squeeze(-1)  # (B, NH)
+    for c in range(NC):
+        m_start.append(m)
+        m = torch.maximum(g[..., c] + m, m_local[..., c])
+        m = m if stabilizer_grad else m.detach()
+    m_start = torch.stack(m_start + [m], dim=-1)  # (B, NH, NC + 1)
+    decay = torch.exp(g + m_start[..., :-1] - m_start[..., 1:])[..., None, None]  # (B, NH, NC, 1, 1)
+    gain = torch.exp(m_local - m_start[..., 1:])[..., None, None]  # (B, NH, NC, 1, 1)
+    Cn = torch.cat([C0, n0[..., None]], dim=-1)  # (B, NH, DQK, DV + 1)
+    states = []
+    for c in range(NC):
+        states.append(Cn)
+        Cn = torch.addcmul(decay[:, :, c] * Cn, gain[:, :, c], update[:, :, c])
+    start = torch.stack(states, dim=2)  # (B, NH, NC, DQK, DV + 1)
+
+    # Outputs. Row j mixes the chunk-start state (weight exp(b_j + m)) with tokens l <= j of the chunk
+    # (weight exp(b_j - b_l + i_l)); each row is stabilised by its own max m_comb.
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    log_d = (b[..., :, None] - b[..., None, :] + ic[..., None, :]).masked_fill(~causal, float("-inf"))
+    m_inter = b + m_start[..., :-1, None]  # (B, NH, NC, L)
+    m_comb = torch.maximum(m_inter, log_d.amax(-1))  # (B, NH, NC, L)
+    m_comb = m_comb if stabilizer_grad else m_comb.detach()
+    s = (qc @ kc.transpose(-2, -1)) * torch.exp(log_d - m_comb[..., None])  # (B, NH, NC, L, L)
+    num = torch.exp(m_inter - m_comb)[..., None] * (qc @ start) + s @ v1  # (B, NH, NC, L, DV + 1)
+    den = torch.maximum(num[..., -1:].abs(), torch.exp(-m_comb)[..., None]) + eps  # (B, NH, NC, L, 1)
+    h = (num[..., :-1] / den).flatten(2, 3)  # (B, NH, T, DV)
+    return h, (Cn[..., :-1], Cn[..., -1], m[..., None])
 
 
 def mlstm_parallel(
