@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from mixer_kernels.varlen import packed_call
 
+CHUNK_ROWS = 64  # batch rows x chunks whose intra-chunk pieces are built together (speed only)
+
 
 def check_inputs(q, k, v, g, initial_state=None) -> None:
     """Raise ValueError unless the shapes follow the contract in the module docstring."""
@@ -96,12 +98,19 @@ def gla_chunk(q, k, v, g, scale: float | None = None, initial_state=None, chunk_
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     state = zero_state(B, H, K, V, q.device) if initial_state is None else initial_state.float()
     outs = []
-    for c in range(q.shape[2]):
-        qc, kc, vc, bc = q[:, :, c], k[:, :, c], v[:, :, c], b[:, :, c]  # (B, H, L, D)
-        # (B, H, L, L, K): exp(b_t - b_s) on and below the diagonal, 0 above (where it could overflow).
-        decay = torch.where(causal[..., None], bc[:, :, :, None] - bc[:, :, None], -torch.inf).exp()
-        attn = (qc[:, :, :, None] * kc[:, :, None] * decay).sum(-1)  # (B, H, L, L)
-        outs.append((qc * bc.exp()) @ state + attn @ vc)
-        state = b_last[:, :, c, :, None].exp() * state + (kc * (b_last[:, :, c, None] - bc).exp()).transpose(-1, -2) @ vc
-    o = torch.stack(outs, dim=2).reshape(B, H, -1, V)[:, :, :T].transpose(1, 2)
+    # CHUNK_ROWS / B chunks at a time: their (L, L, K) decays stay in cache; inside a block everything that
+    # does not need the chunk-start state is batched, and the loop over chunks only carries the state.
+    block = max(1, CHUNK_ROWS // B)
+    for c0 in range(0, q.shape[2], block):
+        qb, kb, vb, bb, lastb = (x[:, :, c0:c0 + block] for x in (q, k, v, b, b_last))  # (B, H, nb, L, D)
+        # (B, H, nb, L, L, K): exp(b_t - b_s) on and below the diagonal, 0 above (where it could overflow).
+        decay = torch.where(causal[..., None], bb[..., :, None, :] - bb[..., None, :, :], -torch.inf).exp()
+        attn = (qb[..., :, None, :] * kb[..., None, :, :] * decay).sum(-1)  # (B, H, nb, L, L)
+        writes = (kb * (lastb[..., None, :] - bb).exp()).transpose(-1, -2) @ vb  # (B, H, nb, K, V)
+        starts = []
+        for decay_c, writes_c in zip(lastb.exp()[..., None].unbind(2), writes.unbind(2)):
+            starts.append(state)
+            state = torch.addcmul(writes_c, decay_c, state)
+        outs.append((qb * bb.exp()) @ torch.stack(starts, dim=2) + attn @ vb)  # (B, H, nb, L, V)
+    o = torch.cat(outs, dim=2).reshape(B, H, -1, V)[:, :, :T].transpose(1, 2)
     return o.to(dtype), state

@@ -37,7 +37,8 @@ def make_inputs(B, T, H, K, V, *, seed=0, decay_bias=2.0, with_state=True, requi
     return q, k, v, g, h0
 
 
-SHAPES = [(1, 16, 16, 16), (63, 24, 20, 16), (37, 7, 40, 32), (64, 32, 33, 16)]
+# The last: 38 chunks at B = 2, more than reference.CHUNK_ROWS // B, so the blocks (32, 6) hand the state on.
+SHAPES = [(1, 16, 16, 16), (63, 24, 20, 16), (37, 7, 40, 32), (64, 32, 33, 16), (75, 8, 12, 2)]
 
 
 @pytest.mark.parametrize("T,K,V,L", SHAPES, ids=[f"T{t}-K{k}-V{v}-L{c}" for t, k, v, c in SHAPES])
