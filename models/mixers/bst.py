@@ -5,7 +5,8 @@ Formulation implemented (per layer, on the normed input x of the block):
 1. State-space sublayer. A diagonal SSM of the S4D-Real kind (Gu et al., 2022: per channel,
    h_t = a * h_{t-1} + b * x_t, y_t = sum_n C_n h_{t,n} + D x_t, a = exp(dt * A), A_n = -exp(A_log_n)
    starting at -(n + 1), b = (a - 1) / A from zero-order hold, B = 1) runs over the whole sequence. Training
-   runs it as the paper does, one long convolution by FFT (O(T log T), no sequential scan); decoding runs
+   runs it as the paper does, as a long convolution by FFT, in blocks of FFT_BLOCK tokens whose states pass
+   from block to block (linear in T; one FFT over the whole sequence cost log T per token); decoding runs
    its recurrence. We chose this over our Mamba-2 mixer because it is the paper's sublayer (an
    input-independent S4-style filter, parallel by FFT), because the multi-filter variant is just more
    filters per channel, and because its state is one (channels x N) tensor. Real rather than complex
@@ -44,26 +45,37 @@ from models.flops import linear
 from models.mixers.attention import AttentionMixer, KVCache
 from models.mixers.mamba import exclude_from_weight_decay
 
+FFT_BLOCK = 512  # tokens per FFT convolution; longer sequences pass the SSM state from block to block
 
-def _powers(dtA: torch.Tensor, t: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """a^s = exp(dtA s) for s < t, factored as a^(jL) a^l (s = jL + l, L = block): outer (C, N, J) and inner
-    (C, N, L). Contractions over s then run as matmuls over (j, l) and never hold the (C, N, T) exponentials,
-    whose cost is per sequence length, not per token, and so grew past the rest of the layer at long T."""
-    block = min(block, t)
-    inner = torch.exp(dtA[..., None] * torch.arange(block, device=dtA.device))
-    outer = torch.exp(dtA[..., None] * torch.arange(0, t, block, device=dtA.device))
-    return outer, inner
+# The helpers below keep channels first, (C, B, T): every contraction over the state is then a bmm over
+# channels on contiguous operands (transposed ones send CPU bmm, and its backward, down a per-matrix path).
 
 
-def _ssm_kernel_and_state(x: torch.Tensor, dtA: torch.Tensor, weight: torch.Tensor, b: torch.Tensor):
-    """x (B, C, T) fp32; dtA, weight = C * b, b (C, N) -> kernel (C, T), final state (B, C, N)."""
+def _powers(dtA: torch.Tensor, t: int, first: int = 0) -> torch.Tensor:
+    """a^s = exp(dtA s) for s = first .. first + t - 1: (C, N, t)."""
+    return torch.exp(dtA[..., None] * torch.arange(first, first + t, device=dtA.device))
+
+
+def _fft_run(x: torch.Tensor, dtA: torch.Tensor, weight: torch.Tensor, b: torch.Tensor):
+    """The SSM from a zero state as one long convolution: x (C, B, t) fp32; dtA, weight = C * b, b (C, N)
+    -> y (C, B, t) without the D term, final state (C, B, N)."""
     t = x.shape[-1]
-    outer, inner = _powers(dtA, t)
-    j, block = outer.shape[-1], inner.shape[-1]
-    kernel = torch.einsum("cnj,cnl->cjl", weight[..., None] * outer, inner).flatten(1)[:, :t]  # sum_n w_n a_n^s
-    x_rev = F.pad(x.flip(-1), (0, j * block - t)).unflatten(-1, (j, block))  # (B, C, J, L): s = T-1 - position
-    state = b * torch.einsum("bcjl,cnl,cnj->bcn", x_rev, inner, outer)  # h_T = sum_s a^s b x_(T-1-s)
-    return kernel, state
+    powers = _powers(dtA, t)  # (C, N, t)
+    kernel = weight[:, None] @ powers  # (C, 1, t): sum_n w_n a_n^s
+    state = b[:, None] * (x.flip(-1) @ powers.transpose(1, 2))  # h_t = sum_s a^s b x_(t-1-s)
+    # Linear (not circular) convolution: zero-pad both to 2t before the FFT.
+    y = torch.fft.irfft(torch.fft.rfft(x, n=2 * t) * torch.fft.rfft(kernel, n=2 * t), n=2 * t)[..., :t]
+    return y, state
+
+
+def _from_state(start: torch.Tensor, dtA: torch.Tensor, C: torch.Tensor, t: int) -> torch.Tensor:
+    """What state `start` (C, B, N) adds to the next t outputs: (C, B, t), sum_n C_n a_n^(s+1) start_n at
+    step s; in blocks of FFT_BLOCK steps, each from the state decayed to its start (a^(jL) start)."""
+    L = min(t, FFT_BLOCK)
+    n_blocks = -(-t // L)
+    decays = torch.exp(dtA[:, None] * (L * torch.arange(n_blocks, device=dtA.device))[:, None])  # (C, nb, N)
+    weight = (start[:, :, None] * decays[:, None] * C[:, None, None]).flatten(1, 2)  # (C, B * nb, N)
+    return (weight @ _powers(dtA, L, first=1)).unflatten(1, (start.shape[1], -1)).flatten(2)[..., :t]
 
 
 class DiagonalSSM(nn.Module):
@@ -103,24 +115,44 @@ class DiagonalSSM(nn.Module):
     def forward(self, x: torch.Tensor, channels: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> y (B, T, C) in x's dtype, final state (B, C, N) fp32; from a zero state.
         `channels`: x holds only those input channels (a sequence-parallel rank's share); y holds theirs."""
-        t, nf = x.shape[1], self.n_filters
-        u = x.float().transpose(1, 2).repeat_interleave(nf, dim=1)  # (B, C, T)
+        nf = self.n_filters
+        u = x.float().permute(2, 0, 1).repeat_interleave(nf, dim=0)  # (C, B, T)
         out = slice(None) if channels is None else slice(channels.start * nf, channels.stop * nf)
         dtA, b = (z[out] for z in self._discrete())
-        kernel, state = _ssm_kernel_and_state(u, dtA, self.C[out].float() * b, b)
-        # Linear (not circular) convolution: zero-pad both to 2T before the FFT.
-        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * t) * torch.fft.rfft(kernel, n=2 * t), n=2 * t)[..., :t]
-        y = y + self.D[out].float()[:, None] * u
-        return y.transpose(1, 2).to(x.dtype), state
+        y, state = self._run(u, dtA, self.C[out].float(), b)
+        y = y + self.D[out].float()[:, None, None] * u
+        if y.requires_grad:  # its gradient arrives in (B, T, C) order: one copy here, not one per matrix in each bmm
+            y.register_hook(torch.Tensor.contiguous)
+        return y.permute(1, 2, 0).to(x.dtype), state.transpose(0, 1)
+
+    @staticmethod
+    def _run(u: torch.Tensor, dtA: torch.Tensor, C: torch.Tensor, b: torch.Tensor):
+        """u (C, B, T) -> y (C, B, T) without the D term, final state (C, B, N): FFT convolutions over blocks
+        of FFT_BLOCK tokens, each corrected by the state the blocks before it leave (the recurrence is linear).
+        One FFT over the whole sequence cost log T per token and ran its 2T transforms out of cache."""
+        t, L = u.shape[-1], FFT_BLOCK
+        if t <= L:
+            return _fft_run(u, dtA, C * b, b)
+        whole, batch = t // L * L, u.shape[1]
+        blocks = u[..., :whole].unflatten(-1, (-1, L)).flatten(1, 2)  # (C, B * nb, L)
+        y, own = (z.unflatten(1, (batch, -1)) for z in _fft_run(blocks, dtA, C * b, b))  # each from a zero state
+        decay, state, starts = torch.exp(dtA)[:, None] ** L, torch.zeros_like(own[:, :, 0]), []
+        for own_j in own.unbind(2):
+            starts.append(state)
+            state = torch.addcmul(own_j, decay, state)
+        y = y + _from_state(torch.stack(starts, 2).flatten(1, 2), dtA, C, L).unflatten(1, (batch, -1))
+        y = y.flatten(2)  # (C, B, whole)
+        if whole < t:  # the shorter last block
+            y_tail, own = _fft_run(u[..., whole:], dtA, C * b, b)
+            y = torch.cat([y, y_tail + _from_state(state, dtA, C, t - whole)], dim=-1)
+            state = torch.addcmul(own, torch.exp(dtA * (t - whole))[:, None], state)
+        return y, state
 
     def from_state(self, y: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """y (B, T, C), the outputs of a run from a zero state, as they are from state `start` (B, C, N): the
         recurrence is linear and time-invariant, so it adds sum_n C_n a_n^(t+1) start_n to y_t."""
-        t, dtA = y.shape[1], self._discrete()[0]
-        outer, inner = _powers(dtA, t)
-        weight = start * (self.C.float() * torch.exp(dtA))  # (B, C, N): C_n a_n start_n, then a^s for s = t
-        correction = torch.einsum("bcn,cnj,cnl->bjlc", weight, outer, inner).flatten(1, 2)[:, :t]  # (B, T, C)
-        return y + correction.to(y.dtype)
+        correction = _from_state(start.transpose(0, 1), self._discrete()[0], self.C.float(), y.shape[1])
+        return y + correction.permute(1, 2, 0).to(y.dtype)
 
     def transition(self, t: int) -> torch.Tensor:
         """a^t (C, N): what T tokens do to the state they start from (h_T = a^T h_0 + the run from zero)."""

@@ -9,6 +9,7 @@ import torch
 from harness import TINY
 
 from models import CausalLM, ModelConfig
+from models.mixers import bst
 from models.registry import build_mixer
 from train.config import load_config
 
@@ -94,6 +95,28 @@ def test_mixer_forward_equals_step_and_prefill_then_step(case):
             assert rel_err(y_rest, y[:, split:]) < 1e-5, f"prefill {split} then step"
             y_cont, _ = m(x[:, split:], m(x[:, :split])[1])  # prefill in two pieces
             assert rel_err(y_cont, y[:, split:]) < 1e-5
+
+
+@pytest.mark.parametrize("case", [c for c in MIXERS if c.startswith("B-")])
+def test_bst_ssm_in_fft_blocks_equals_step(case, monkeypatch):
+    """Longer than FFT_BLOCK, BST's SSM convolves block by block and passes its state on: 23 tokens in blocks
+    of 5 (and the prefixes of 8 and 12 tokens, a shorter last block each) still equal the recurrence."""
+    monkeypatch.setattr(bst, "FFT_BLOCK", 5)
+    test_mixer_forward_equals_step_and_prefill_then_step(case)
+
+
+def test_bst_ssm_in_fft_blocks_has_the_one_fft_gradient(monkeypatch):
+    torch.manual_seed(0)
+    ssm = bst.DiagonalSSM(8, 2, 4, (1e-2, 1e-1))
+    ssm.init_weights()
+    x, w = torch.randn(2, 23, 8, requires_grad=True), torch.randn(2, 23, 16)
+    grads = {}
+    for block in (64, 5):  # one FFT over all 23 tokens, then blocks of 5 and a last one of 3
+        monkeypatch.setattr(bst, "FFT_BLOCK", block)
+        y, state = ssm(x)
+        grads[block] = torch.autograd.grad((y * w).sum() + state.sum(), [x, *ssm.parameters()])
+    for ours, one_fft in zip(grads[5], grads[64], strict=True):
+        assert rel_err(ours, one_fft) < 1e-5
 
 
 def test_pattern_hybrid_forward_equals_step():
