@@ -111,11 +111,10 @@ def delta_rule_chunk(q, k, v, g, beta, scale: float | None = None, initial_state
     outs = []
     # The WY pieces of CHUNK_ROWS / B chunks at a time (their (L, L) intermediates stay in cache), and all
     # else that does not need the chunk-start state S_c, batched; the loop over chunks then only carries the
-    # state, one matmul each: with V_new = U - W S_c,
-    #     O = (diag(exp(gamma)) Q - A W) S_c + A U                    A = (Q K^T * Gamma, causal)
-    #     S_{c+1} = (exp(gamma_L) I - K_dec^T W) S_c + K_dec^T U      K_dec = diag(exp(gamma_L - gamma)) K
+    # state, one baddbmm each, S_{c+1} = (exp(gamma_L) I - K_dec^T W) S_c + K_dec^T U with
+    # K_dec = diag(exp(gamma_L - gamma)) K, and V_new and O follow for all the block's chunks at once.
     block = max(1, CHUNK_ROWS // B)
-    state = state.flatten(0, 1)  # (B * H, K, V): the loop's one op per chunk is a baddbmm
+    state = state.flatten(0, 1)  # (B * H, K, V)
     for b0 in range(0, q.shape[2], block):
         qb, kb, vb, gb, betab = (x[:, :, b0:b0 + block] for x in (q, k, v, g, beta))
         gamma = gb.cumsum(-1)  # (B, H, nb, L)
@@ -125,7 +124,6 @@ def delta_rule_chunk(q, k, v, g, beta, scale: float | None = None, initial_state
         t_inv = torch.linalg.solve_triangular(eye + m, eye.expand_as(m), upper=False, unitriangular=True)
         w = t_inv @ (kb * (betab * gamma.exp())[..., None])  # (B, H, nb, L, K)
         u = t_inv @ (vb * betab[..., None])  # (B, H, nb, L, V)
-        attn = (qb @ kb.transpose(-1, -2)) * decay  # (B, H, nb, L, L), zero above the diagonal
         k_dec = (kb * (gamma[..., -1:] - gamma).exp()[..., None]).transpose(-1, -2)  # (B, H, nb, K, L)
         carry = gamma[..., -1, None, None].exp() * torch.eye(K, device=q.device) - k_dec @ w  # (B, H, nb, K, K)
         writes = k_dec @ u  # (B, H, nb, K, V)
@@ -133,7 +131,8 @@ def delta_rule_chunk(q, k, v, g, beta, scale: float | None = None, initial_state
         for carry_c, writes_c in zip(carry.flatten(0, 1).unbind(1), writes.flatten(0, 1).unbind(1)):
             starts.append(state)
             state = torch.baddbmm(writes_c, carry_c, state)
-        reads = qb * gamma.exp()[..., None] - attn @ w  # (B, H, nb, L, K)
-        outs.append(reads @ torch.stack(starts, dim=1).unflatten(0, (B, H)) + attn @ u)  # (B, H, nb, L, V)
+        s_c = torch.stack(starts, dim=1).unflatten(0, (B, H))  # (B, H, nb, K, V)
+        attn = (qb @ kb.transpose(-1, -2)) * decay  # (B, H, nb, L, L), zero above the diagonal
+        outs.append((qb * gamma.exp()[..., None]) @ s_c + attn @ (u - w @ s_c))  # (B, H, nb, L, V)
     o = torch.cat(outs, dim=2).reshape(B, H, -1, V)[:, :, :T].transpose(1, 2)
     return o.to(dtype), state.unflatten(0, (B, H))

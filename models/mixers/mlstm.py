@@ -85,8 +85,9 @@ class MLSTMMixer(nn.Module):
         d, qk, v = self.q_proj.in_features, self.q_proj.out_features, self.v_proj.out_features
         projections = 2 * linear(d, qk) + 2 * linear(d, v) + 2 * linear(d, self.n_heads) + linear(v, d)
         dqk, dv, chunk = self.qk_head_dim, self.v_head_dim, chunk_width(self.mlstm_cfg.chunk_size, seq_len)
-        # Per head: q.k and s.v inside the chunk, q.C and q.n from the chunk-start state, k^T v into the state.
-        cell = 2 * chunk * (dqk + dv) + 4 * dqk * dv + 2 * dqk
+        # Per head: q.k and s.[v, 1] inside the chunk, q.[C, n] from the chunk-start state, k^T [v, 1] into
+        # the state (the normaliser n rides as a column of ones beside v).
+        cell = 2 * chunk * (dqk + dv + 1) + 4 * dqk * (dv + 1)
         return projections + self.n_heads * cell
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> MLSTMState:
