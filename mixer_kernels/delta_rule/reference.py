@@ -82,7 +82,7 @@ def delta_rule_recurrent(q, k, v, g, beta, scale: float | None = None, initial_s
     return torch.stack(outs, dim=1), state
 
 
-CHUNK_ROWS = 64  # batch rows x chunks whose WY pieces are built together (speed only)
+BLOCK_ELEMENTS = 2**20  # (L, L) elements of the chunks built together (speed only: they stay in cache)
 
 
 def delta_rule_chunk(q, k, v, g, beta, scale: float | None = None, initial_state=None, chunk_size: int = 64,
@@ -109,11 +109,11 @@ def delta_rule_chunk(q, k, v, g, beta, scale: float | None = None, initial_state
     eye = torch.eye(L, device=q.device)
     state = zero_state(B, H, K, V, q.device) if initial_state is None else initial_state.float()
     outs = []
-    # The WY pieces of CHUNK_ROWS / B chunks at a time (their (L, L) intermediates stay in cache), and all
+    # The WY pieces of a block of chunks at a time (as many as keep their (L, L) pieces in cache), and all
     # else that does not need the chunk-start state S_c, batched; the loop over chunks then only carries the
     # state, one baddbmm each, S_{c+1} = (exp(gamma_L) I - K_dec^T W) S_c + K_dec^T U with
     # K_dec = diag(exp(gamma_L - gamma)) K, and V_new and O follow for all the block's chunks at once.
-    block = max(1, CHUNK_ROWS // B)
+    block = max(1, BLOCK_ELEMENTS // (B * H * L * L))
     state = state.flatten(0, 1)  # (B * H, K, V)
     for b0 in range(0, q.shape[2], block):
         qb, kb, vb, gb, betab = (x[:, :, b0:b0 + block] for x in (q, k, v, g, beta))

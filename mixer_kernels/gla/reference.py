@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from mixer_kernels.varlen import packed_call
 
-CHUNK_ROWS = 64  # batch rows x chunks whose intra-chunk pieces are built together (speed only)
+BLOCK_ELEMENTS = 2**18  # decay elements of the chunks built together (speed only: they stay in cache)
 
 
 def check_inputs(q, k, v, g, initial_state=None) -> None:
@@ -98,9 +98,9 @@ def gla_chunk(q, k, v, g, scale: float | None = None, initial_state=None, chunk_
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     state = zero_state(B, H, K, V, q.device) if initial_state is None else initial_state.float()
     outs = []
-    # CHUNK_ROWS / B chunks at a time: their (L, L, K) decays stay in cache; inside a block everything that
-    # does not need the chunk-start state is batched, and the loop over chunks only carries the state.
-    block = max(1, CHUNK_ROWS // B)
+    # A block of chunks at a time, as many as keep their (L, L, K) decays in cache; inside a block everything
+    # that does not need the chunk-start state is batched, and the loop over chunks only carries the state.
+    block = max(1, BLOCK_ELEMENTS // (B * H * L * L * K))
     for c0 in range(0, q.shape[2], block):
         qb, kb, vb, bb, lastb = (x[:, :, c0:c0 + block] for x in (q, k, v, b, b_last))  # (B, H, nb, L, D)
         # (B, H, nb, L, L, K): exp(b_t - b_s) on and below the diagonal, 0 above (where it could overflow).

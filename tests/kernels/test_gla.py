@@ -37,12 +37,14 @@ def make_inputs(B, T, H, K, V, *, seed=0, decay_bias=2.0, with_state=True, requi
     return q, k, v, g, h0
 
 
-# The last: 38 chunks at B = 2, more than reference.CHUNK_ROWS // B, so the blocks (32, 6) hand the state on.
-SHAPES = [(1, 16, 16, 16), (63, 24, 20, 16), (37, 7, 40, 32), (64, 32, 33, 16), (75, 8, 12, 2)]
+# The chunk references run in blocks of 3 chunks here (blocks of 2**20 elements are longer than these tests),
+# so every shape with more than 3 chunks hands the state from block to block.
+SHAPES = [(1, 16, 16, 16), (63, 24, 20, 16), (37, 7, 40, 32), (64, 32, 33, 16), (75, 8, 12, 4)]
 
 
 @pytest.mark.parametrize("T,K,V,L", SHAPES, ids=[f"T{t}-K{k}-V{v}-L{c}" for t, k, v, c in SHAPES])
-def test_chunk_reference_matches_recurrence(T, K, V, L):
+def test_chunk_reference_matches_recurrence(T, K, V, L, monkeypatch):
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 3 * 2 * 2 * L * L * K)  # blocks of 3 chunks at B = H = 2
     q, k, v, g, h0 = make_inputs(2, T, 2, K, V)
     o_rec, s_rec = reference.gla_recurrent(q, k, v, g, initial_state=h0)
     o_chunk, s_chunk = reference.gla_chunk(q, k, v, g, initial_state=h0, chunk_size=L)
