@@ -81,6 +81,8 @@ def export_hf(model: CausalLM, out_dir: str | Path, tokenizer_file: str | None =
     family = _family_for_mixers(model.cfg.layer_mixers())
     hf_config = family.to_hf_config(model.cfg)
     hf_config.dtype = next(model.parameters()).dtype
+    if not hasattr(hf_config, "max_position_embeddings"):  # xLSTM's and Mamba's configs have no field for it
+        hf_config.max_seq_len = model.cfg.max_seq_len  # the length it trained at, read back by load_hf
 
     if tokenizer_file is not None:
         special = _special_tokens(Path(tokenizer_file))
@@ -118,6 +120,8 @@ def load_hf(folder: str | Path) -> CausalLM:
         # field is in config.json, which is all the family's map reads. No remote code runs here.
         hf_config = PretrainedConfig.from_dict(raw)
     cfg = family.from_hf_config(hf_config)
+    if "max_seq_len" in raw:
+        cfg = cfg.model_copy(update={"max_seq_len": int(raw["max_seq_len"])})
     index = folder / "model.safetensors.index.json"
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
         "model.safetensors"

@@ -65,8 +65,7 @@ def test_export_loads_as_native_transformers_xlstm(tmp_path, tokenizer_file, tie
 
     # And back: load_hf gives the same weights (and the tie) we exported.
     loaded = load_hf(folder)
-    assert loaded.cfg.model_dump(exclude={"init_std", "max_seq_len"}) == model.cfg.model_dump(
-        exclude={"init_std", "max_seq_len"})
+    assert loaded.cfg.model_dump(exclude={"init_std"}) == model.cfg.model_dump(exclude={"init_std"})
     for (name, ours_p), (_, back) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(ours_p, back), name
     assert (loaded.lm_head.weight is loaded.embed.weight) == tie
