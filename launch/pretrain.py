@@ -44,13 +44,23 @@ def main() -> int:
             return 0
         pretrain(cfg, resume=args.resume)
     except CheckpointWriteError as e:  # its own exit code: the job script can tell "no space" from a bad run
-        print(f"error: {e}", file=sys.stderr)
+        report(e, rank, world_size)
         return CHECKPOINT_FAILED_EXIT_CODE
     except (ConfigError, DataError, CheckpointError, NonFiniteLossError, KernelFallbackError, KernelSettingsError) as e:
         # Expected failures carry a message naming the problem and the fix; no traceback needed.
-        print(f"error: {e}", file=sys.stderr)
+        report(e, rank, world_size)
         return 1
     return 0
+
+
+def report(error: Exception, rank: int, world_size: int) -> None:
+    """One line on stderr. A config error is the same on every rank (each reads the same files), so rank 0 says
+    it once; any other can be one rank's own (its shard, its disk), so each rank says it under its number."""
+    if isinstance(error, ConfigError) or world_size == 1:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+    else:
+        print(f"error (rank {rank}): {error}", file=sys.stderr)
 
 
 def exit_now(code: int) -> None:

@@ -35,6 +35,13 @@ def test_training_on_shards_never_prepared(train, tmp_path):
     assert "prepare_data.py" in run.output and "Traceback" not in run.proc.stderr
 
 
+def test_a_config_error_is_said_once_not_by_every_rank(train):
+    run = train(TINY / "transformer.yaml", "optim.lr=-1", nproc=2, launcher="deepspeed", check=False)
+    assert run.proc.returncode != 0
+    assert run.proc.stderr.count("error: ") == 1 and "optim.lr" in run.proc.stderr, run.proc.stderr[-2000:]
+    assert "Traceback" not in run.proc.stderr
+
+
 def test_tokenizer_vocabulary_larger_than_the_model(train):
     run = train(TINY / "transformer.yaml", "model.vocab_size=1000", launcher="python", check=False)
     assert run.proc.returncode != 0
