@@ -63,7 +63,7 @@ def main() -> None:
         fla = {}
     print(f"B={B} H={H} K={K} V={V}, {args.threads} threads, forward only")
     for kind in ("gla", "delta_rule"):
-        t512, t4096 = seconds(ours[kind], *inputs(512, kind)), seconds(ours[kind], *inputs(4096, kind), reps=1)
+        t512, t4096 = seconds(ours[kind], *inputs(512, kind)), seconds(ours[kind], *inputs(4096, kind))
         line = (f"{kind:10s} ours: {B * 512 / t512:9.0f} tok/s at T=512, {B * 4096 / t4096:9.0f} tok/s at T=4096; "
                 f"per-token time T=4096 / T=512 = {(t4096 / 4096) / (t512 / 512):.2f}")
         if kind in fla:
