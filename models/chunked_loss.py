@@ -6,9 +6,9 @@ linear cross-entropy do, the forward walks the tokens in chunks: each chunk's lo
 then fp32, as the unfused path), the optional soft cap, log-sum-exp and the loss, and at once the gradients
 of the (mean) loss with respect to the chunk's hidden states and the head weight (softmax minus one-hot,
 through the cap), so the chunk's logits are freed before the next one. The backward only scales the stored
-gradients by the incoming one. Peak memory: three (chunk, V) fp32 buffers (logits, capped logits, their
-log-softmax, reused by every chunk) plus an (N, D) and a (V, D) gradient, instead of (N, V) logits, their
-softmax and their gradient.
+gradients by the incoming one. Peak memory: two (chunk, V) fp32 buffers (logits and their log-softmax, a third
+for the capped logits with a soft cap; reused by every chunk) plus an (N, D) and a (V, D) gradient, instead of
+(N, V) logits, their softmax and their gradient.
 """
 
 import torch
@@ -27,10 +27,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        # Three (chunk, V) fp32 buffers reused by every chunk, written in place: on the CPU a fresh tensor of
-        # that size costs more in page faults than the pass that fills it.
-        rows, vocab = min(chunk_tokens, hidden.shape[0]), weight.shape[0]
-        raw, scaled, log_p = (torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device) for _ in range(3))
+        # (chunk, V) fp32 buffers reused by every chunk, written in place: on the CPU a fresh tensor of that size
+        # costs more in page faults than the pass that fills it.
+        raw = torch.empty(min(chunk_tokens, hidden.shape[0]), weight.shape[0], dtype=torch.float32,
+                          device=hidden.device)
+        log_p = torch.empty_like(raw)
+        scaled = torch.empty_like(raw) if soft_cap is not None else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y, keep = (t[start:start + chunk_tokens] for t in (hidden, labels, valid))
             n = h.shape[0]
