@@ -106,7 +106,7 @@ def delta_rule_chunk(q, k, v, g, beta, scale: float | None = None, initial_state
     g, beta = (x.reshape(B, H, -1, L) for x in (g, beta))
     q = q * scale
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    eye = torch.eye(L, device=q.device)
+    eye, eye_k = torch.eye(L, device=q.device), torch.eye(K, device=q.device)
     state = zero_state(B, H, K, V, q.device) if initial_state is None else initial_state.float()
     outs = []
     # The WY pieces of a block of chunks at a time (as many as keep their (L, L) pieces in cache), and all
@@ -125,7 +125,7 @@ def delta_rule_chunk(q, k, v, g, beta, scale: float | None = None, initial_state
         w = t_inv @ (kb * (betab * gamma.exp())[..., None])  # (B, H, nb, L, K)
         u = t_inv @ (vb * betab[..., None])  # (B, H, nb, L, V)
         k_dec = (kb * (gamma[..., -1:] - gamma).exp()[..., None]).transpose(-1, -2)  # (B, H, nb, K, L)
-        carry = gamma[..., -1, None, None].exp() * torch.eye(K, device=q.device) - k_dec @ w  # (B, H, nb, K, K)
+        carry = gamma[..., -1, None, None].exp() * eye_k - k_dec @ w  # (B, H, nb, K, K)
         writes = k_dec @ u  # (B, H, nb, K, V)
         starts = []
         for carry_c, writes_c in zip(carry.flatten(0, 1).unbind(1), writes.flatten(0, 1).unbind(1)):

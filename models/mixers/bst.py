@@ -136,7 +136,7 @@ class DiagonalSSM(nn.Module):
         whole, batch = t // L * L, u.shape[1]
         blocks = u[..., :whole].unflatten(-1, (-1, L)).flatten(1, 2)  # (C, B * nb, L)
         y, own = (z.unflatten(1, (batch, -1)) for z in _fft_run(blocks, dtA, C * b, b))  # each from a zero state
-        decay, state, starts = torch.exp(dtA)[:, None] ** L, torch.zeros_like(own[:, :, 0]), []
+        decay, state, starts = torch.exp(dtA * L)[:, None], torch.zeros_like(own[:, :, 0]), []
         for own_j in own.unbind(2):
             starts.append(state)
             state = torch.addcmul(own_j, decay, state)
