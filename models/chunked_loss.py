@@ -6,9 +6,8 @@ linear cross-entropy do, the forward walks the tokens in chunks: each chunk's lo
 then fp32, as the unfused path), the optional soft cap, log-sum-exp and the loss, and at once the gradients
 of the (mean) loss with respect to the chunk's hidden states and the head weight (softmax minus one-hot,
 through the cap), so the chunk's logits are freed before the next one. The backward only scales the stored
-gradients by the incoming one. Peak memory: two (chunk, V) fp32 buffers (logits and their log-softmax, a third
-for the capped logits with a soft cap; reused by every chunk) plus an (N, D) and a (V, D) gradient, instead of
-(N, V) logits, their softmax and their gradient.
+gradients by the incoming one. Peak memory: two (chunk, V) fp32 buffers (the logits and their softmax, reused
+by every chunk) plus an (N, D) and a (V, D) gradient, instead of (N, V) logits, their softmax and their gradient.
 """
 
 import torch
@@ -31,28 +30,36 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # costs more in page faults than the pass that fills it.
         raw = torch.empty(min(chunk_tokens, hidden.shape[0]), weight.shape[0], dtype=torch.float32,
                           device=hidden.device)
-        log_p = torch.empty_like(raw)
-        scaled = torch.empty_like(raw) if soft_cap is not None else None
+        probs = torch.empty_like(raw)
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y, keep = (t[start:start + chunk_tokens] for t in (hidden, labels, valid))
-            n = h.shape[0]
+            n, target = h.shape[0], y.clamp_min(0)[:, None]
             logits = raw[:n]
             if weight.dtype == torch.float32:
                 torch.mm(h, weight.t(), out=logits)
             else:  # the head's dtype, then fp32, as the unfused path
                 logits.copy_(F.linear(h, weight))
+            # d loss / d logits = (softmax - onehot) / count on kept tokens, built in place: `grad` holds the
+            # softmax times `norm` (to be divided out), `scale` the row weights.
+            scale = (keep / count)[:, None]
+            if soft_cap is None:
+                log_p = torch.log_softmax(logits, dim=-1, out=probs[:n])
+                token_loss = -log_p.gather(1, target)[:, 0]
+                grad, norm = log_p.exp_(), 1
+            else:
+                # cap tanh(x / cap) = 2 cap sigmoid(2 x / cap) - cap, and the constant drops out of the softmax:
+                # logits 2 cap s with s = sigmoid(2 x / cap). On the CPU sigmoid is several times faster than
+                # tanh, and s bounds the logits, so a row's max of s is its softmax shift.
+                s = logits.mul_(2 / soft_cap).sigmoid_()
+                shift = s.amax(1, keepdim=True)
+                grad = torch.add(shift * (-2 * soft_cap), s, alpha=2 * soft_cap, out=probs[:n]).exp_()
+                norm = grad.sum(1, keepdim=True)
+                token_loss = (norm.log() - 2 * soft_cap * (s.gather(1, target) - shift))[:, 0]
+                scale = scale * 4  # through the cap, d(2 cap s) / dx = 4 s (1 - s): the 4 here, s (1 - s) below
+            loss = loss + (token_loss * keep).sum()
+            grad.mul_(scale / norm).scatter_add_(1, target, -scale)
             if soft_cap is not None:
-                capped = logits.div_(soft_cap).tanh_()
-                logits = torch.mul(capped, soft_cap, out=scaled[:n])
-            torch.log_softmax(logits, dim=-1, out=log_p[:n])
-            target = y.clamp_min(0)[:, None]
-            loss = loss - (log_p[:n].gather(1, target)[:, 0] * keep).sum()
-            # d loss / d logits = (softmax - onehot) / count on kept tokens, in place on the log-probabilities.
-            grad = log_p[:n].exp_()  # the softmax
-            grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
-            grad.mul_((keep / count)[:, None])
-            if soft_cap is not None:
-                grad.addcmul_(grad, capped.square_(), value=-1)  # through the cap: times 1 - tanh^2
+                grad.mul_(s.addcmul_(s, s, value=-1))
             grad_hidden[start:start + chunk_tokens] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             grad_weight.addmm_(grad.t(), h.float())
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
