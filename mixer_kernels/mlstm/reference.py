@@ -230,16 +230,19 @@ def _equal_chunks(q, k, v, i_preact, f_preact, state: MLSTMState, L: int, eps: f
     start = torch.stack(states, dim=2)  # (B, NH, NC, DQK, DV + 1)
 
     # Outputs. Row j mixes the chunk-start state (weight exp(b_j + m)) with tokens l <= j of the chunk
-    # (weight exp(b_j - b_l + i_l)); each row is stabilised by its own max m_comb.
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    log_d = (b[..., :, None] - b[..., None, :] + ic[..., None, :]).masked_fill(~causal, float("-inf"))
+    # (weight exp(b_j - b_l + i_l)); each row is stabilised by its own max m_comb. The forms are picked for
+    # the backward autograd derives: an added -inf mask (masked_fill costs a copy and a pass each way), max
+    # with indices (amax's backward compares and divides over all of log_d), split (slices each zero-fill).
+    future = torch.full((L, L), float("-inf"), device=q.device).triu_(1)  # 0 on and below the diagonal
+    log_d = (b[..., :, None] - (b - ic)[..., None, :]).add_(future)  # (B, NH, NC, L, L)
     m_inter = b + m_start[..., :-1, None]  # (B, NH, NC, L)
-    m_comb = torch.maximum(m_inter, log_d.amax(-1))  # (B, NH, NC, L)
+    m_comb = torch.maximum(m_inter, log_d.max(-1).values)  # (B, NH, NC, L)
     m_comb = m_comb if stabilizer_grad else m_comb.detach()
     s = (qc @ kc.transpose(-2, -1)) * torch.exp(log_d - m_comb[..., None])  # (B, NH, NC, L, L)
     num = torch.exp(m_inter - m_comb)[..., None] * (qc @ start) + s @ v1  # (B, NH, NC, L, DV + 1)
-    den = torch.maximum(num[..., -1:].abs(), torch.exp(-m_comb)[..., None]) + eps  # (B, NH, NC, L, 1)
-    h = (num[..., :-1] / den).flatten(2, 3)  # (B, NH, T, DV)
+    num_c, num_n = num.split([num.shape[-1] - 1, 1], dim=-1)
+    den = torch.maximum(num_n.abs(), torch.exp(-m_comb)[..., None]) + eps  # (B, NH, NC, L, 1)
+    h = (num_c / den).flatten(2, 3)  # (B, NH, T, DV)
     return h, (Cn[..., :-1], Cn[..., -1], m[..., None])
 
 
