@@ -215,18 +215,19 @@ def _equal_chunks(q, k, v, i_preact, f_preact, state: MLSTMState, L: int, eps: f
     update = (kc * torch.exp(a - m_local[..., None])[..., None]).transpose(-2, -1) @ v1  # (B,NH,NC,DQK,DV+1)
     m_start = []  # m at each chunk start, then the final one
     m = m.squeeze(-1)  # (B, NH)
-    for c in range(NC):
+    # unbind, not indexing in the loops: the backward of each index would write a full-size gradient.
+    for g_c, m_local_c in zip(g.unbind(-1), m_local.unbind(-1)):
         m_start.append(m)
-        m = torch.maximum(g[..., c] + m, m_local[..., c])
+        m = torch.maximum(g_c + m, m_local_c)
         m = m if stabilizer_grad else m.detach()
     m_start = torch.stack(m_start + [m], dim=-1)  # (B, NH, NC + 1)
     decay = torch.exp(g + m_start[..., :-1] - m_start[..., 1:])[..., None, None]  # (B, NH, NC, 1, 1)
     gain = torch.exp(m_local - m_start[..., 1:])[..., None, None]  # (B, NH, NC, 1, 1)
     Cn = torch.cat([C0, n0[..., None]], dim=-1)  # (B, NH, DQK, DV + 1)
     states = []
-    for c in range(NC):
+    for decay_c, gain_c, update_c in zip(decay.unbind(2), gain.unbind(2), update.unbind(2)):
         states.append(Cn)
-        Cn = torch.addcmul(decay[:, :, c] * Cn, gain[:, :, c], update[:, :, c])
+        Cn = torch.addcmul(decay_c * Cn, gain_c, update_c)
     start = torch.stack(states, dim=2)  # (B, NH, NC, DQK, DV + 1)
 
     # Outputs. Row j mixes the chunk-start state (weight exp(b_j + m)) with tokens l <= j of the chunk
