@@ -9,7 +9,7 @@ design, so each token reads T / S checkpoints, and the tiny config's 16 (sized f
 checkpoints at T=4096) is printed beside it without a goal, as is the Llama-style Transformer (quadratic).
 
 Timings are medians of interleaved repeats (the two lengths alternate), so a burst of machine noise hits
-both alike. Run: `python bench/length_scaling.py [--families mlstm,mamba] [--repeats 5]` (about 3 minutes
+both alike. Run: `python bench/length_scaling.py [--families xlstm,mamba] [--repeats 5]` (about 3 minutes
 on 2 cores).
 """
 
@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated configs/tiny names")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    unknown = sorted(set(args.families.split(",")) - set(FAMILIES))
+    if unknown:
+        parser.error(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
     print(f"training time per token, T={LONG} (batch 1) over T={SHORT} (batch {TOKENS // SHORT}); fp32, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved repeats")
     met = []
