@@ -11,6 +11,9 @@ forward + backward of the next-token loss (no optimizer step). Prints:
 
 Timings are medians of interleaved repeats, and each ratio is the median of the ratios within a repeat (the two
 sides run back to back), so the machine's drift, up to 1.5x within an hour here, hits both sides alike.
+With glibc malloc's defaults every large tensor freed goes back to the OS and the next is fresh pages, which
+costs transformers' step (its (B, T, V) logits) far more than ours: `MALLOC_MMAP_THRESHOLD_=1073741824
+MALLOC_TRIM_THRESHOLD_=4294967296 python bench/xlstm_cpu.py` measures both without it.
 Run: `python bench/xlstm_cpu.py` (about a minute on 2 cores).
 """
 
