@@ -312,10 +312,11 @@ class MoMMixer(nn.Module):
 
         # Back to token order: out[b, t] = sum over memories e that took t of weight[b, t, e] * o_e.
         o = o.unflatten(0, (M, B)).flatten(-2)  # (M, B, Tm, h*dv)
+        # Padding rows add weight 0 (not dropped by a boolean index, which would read the count back to the host).
         w = weights.permute(2, 0, 1).gather(2, idx) * valid  # (M, B, Tm)
-        flat = (torch.arange(B, device=x.device)[None, :, None] * T + idx)[valid]
+        flat = (torch.arange(B, device=x.device)[None, :, None] * T + idx).flatten()
         out = torch.zeros(B * T, o.shape[-1], dtype=o.dtype, device=x.device)
-        out = out.index_add(0, flat, (o * w[..., None].to(o.dtype))[valid]).view(B, T, -1, self.head_v_dim)
+        out = out.index_add(0, flat, (o * w[..., None].to(o.dtype)).flatten(0, 2)).view(B, T, -1, self.head_v_dim)
 
         shared, shared_conv = state.shared, state.shared_conv
         if self.shared_memory:
