@@ -36,7 +36,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 whatever the activation dtype: bf16 sums of squares lose too much. On the CPU the
-        # written-out passes above; elsewhere F.rms_norm, one fused kernel each way on the GPU.
+        # written-out passes above; elsewhere F.rms_norm (PyTorch's fused kernels where the device has them).
         x32, weight = x.float(), self.weight.float()
         if x.device.type == "cpu":
             return _RMSNormCPU.apply(x32, weight, self.eps).to(x.dtype)
