@@ -55,4 +55,4 @@ def test_the_lm_trains_on_the_chunked_loss_as_on_the_logits():
     (ref, ref_grads), (got, got_grads) = grads
     assert rel_err(got, ref) < 1e-6
     for name, grad in ref_grads.items():
-        assert rel_err(got_grads[name], grad) < 1e-6, name  # measured <= 2.9e-7
+        assert rel_err(got_grads[name], grad) < 1e-6, name  # measured <= 5.0e-7 (the cap as a sigmoid)
